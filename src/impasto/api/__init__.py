@@ -1,0 +1,1 @@
+"""HTTP and WebSocket transports: parse, call the dispatcher, serialize. No business logic."""

@@ -1,0 +1,37 @@
+"""The one place where errors become HTTP responses (always the Runware error envelope)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from impasto.protocol.errors import ImpastoError, http_status_for
+
+log = logging.getLogger("impasto.api")
+
+
+def error_response(errors: list[ImpastoError]) -> JSONResponse:
+    return JSONResponse(
+        {"errors": [e.to_item() for e in errors]}, status_code=http_status_for(errors)
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ImpastoError)
+    async def impasto_error(request: Request, exc: ImpastoError) -> JSONResponse:
+        return error_response([exc])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "notFound", 405: "methodNotAllowed"}.get(exc.status_code, "httpError")
+        error = ImpastoError(str(exc.detail), code=code)
+        error.http_status = exc.status_code
+        return error_response([error])
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response([ImpastoError("Internal server error.", code="internalServerError")])

@@ -1,0 +1,153 @@
+"""`impasto:tiny@1`: a real Stable Diffusion pipeline (CLIP text encoder and tokenizer, UNet,
+VAE, scheduler) whose config, tokenizer files and random weights are made here, saved once with
+`save_pretrained` and loaded with `from_pretrained`, so tests and an offline first run go through
+the same diffusers loading and inference path as a real model.
+
+Shape: the VAE downsamples 16x (five levels) with narrow full-resolution blocks and no
+attention, and the UNet's only self-attention sits two levels down, so that 1920x1080 on one CPU
+core stays under a second (bench/tiny_speed.py). The images are noise-like: the weights are
+random, the code path is real.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the architecture changes, so old copies in data dirs are rebuilt.
+TINY_VERSION = 1
+_MARKER = "impasto-tiny.json"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte-to-unicode table (transformers 5 no longer exports it).
+    visible = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = visible[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in visible:
+            visible.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(visible, (chr(c) for c in codes), strict=True))
+
+
+def _write_tokenizer_files(directory: Path) -> dict[str, int]:
+    """A byte-level CLIP vocabulary without merges: every byte is a token."""
+    characters = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for char in characters:
+        vocab[char] = len(vocab)
+    for char in characters:
+        vocab[char + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+def _build(directory: Path) -> None:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(20261127)
+    token_dir = directory / "_tokenizer_src"
+    vocab = _write_tokenizer_files(token_dir)
+    tokenizer = CLIPTokenizer(
+        str(token_dir / "vocab.json"), str(token_dir / "merges.txt"), model_max_length=77
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(4, 4, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    shutil.rmtree(token_dir)
+
+
+def ensure_tiny_pipeline(directory: Path) -> Path:
+    """Build and save the tiny pipeline under `directory` unless a current copy is there."""
+    marker = directory / _MARKER
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("version") == TINY_VERSION:
+                return directory
+        except (OSError, ValueError):
+            pass
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash never leaves a half-written model.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        _build(staging)
+        (staging / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory

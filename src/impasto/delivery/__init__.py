@@ -1,0 +1,1 @@
+"""Getting images out and in: encoders, the outbound-URL guard and guarded HTTP fetches."""

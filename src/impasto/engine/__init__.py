@@ -1,0 +1,1 @@
+"""Scheduling of generation jobs onto backends: lanes per model, batching, progress."""

@@ -1,0 +1,198 @@
+"""The scheduler: one lane per model that runs jobs, a lane per backend instance.
+
+A lane holds the jobs waiting for its backend. Each of the backend's `concurrency` runners takes
+the oldest job, gathers waiting jobs with the same batch key (up to the backend's max batch,
+waiting at most `batch_wait` for more), runs them in one `generate` call and hands every outcome
+to the job's sink. A failing batch fails its own jobs and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from impasto.backends.base import Backend, GenerationJob, Outcome
+from impasto.protocol.errors import ImpastoError, InferenceError
+
+log = logging.getLogger("impasto.engine")
+
+BackendLoader = Callable[[str], Awaitable[Backend]]
+
+
+class JobSink(Protocol):
+    """Receives what happens to the jobs of one task."""
+
+    async def on_progress(self, job: GenerationJob, percent: int) -> None:
+        """Generation of `job` is `percent` done."""
+
+    async def on_checkpoint(self, job: GenerationJob, data: Mapping[str, Any]) -> None:
+        """The backend asks to persist bookkeeping for `job` (e.g. a provider task id)."""
+
+    async def on_outcome(self, job: GenerationJob, outcome: Outcome) -> None:
+        """The job finished with an image or an error."""
+
+
+@dataclass
+class _Waiting:
+    job: GenerationJob
+    sink: JobSink
+    key: Hashable
+
+
+class _Lane:
+    """The waiting jobs of one model and the runners that serve them."""
+
+    def __init__(self, air: str) -> None:
+        self.air = air
+        self.waiting: deque[_Waiting] = deque()
+        self.arrived = asyncio.Event()
+        self.runners: list[asyncio.Task[None]] = []
+        self.backend: Backend | None = None
+
+
+class Scheduler:
+    """Runs generation jobs on backends, batching compatible jobs of one model."""
+
+    def __init__(self, load_backend: BackendLoader, batch_wait_s: float = 0.005) -> None:
+        self._load_backend = load_backend
+        self._batch_wait_s = batch_wait_s
+        self._lanes: dict[str, _Lane] = {}
+        self._backend_lock = asyncio.Lock()
+        self._closed = False
+        self._reports: set[asyncio.Task[None]] = set()
+        self.busy_since: float | None = None
+
+    async def submit(self, air: str, jobs: Sequence[GenerationJob], sink: JobSink) -> None:
+        """Queue jobs for the model `air` (the AIR that runs them, after aliasing)."""
+        if self._closed:
+            raise RuntimeError("scheduler is closed")
+        lane = self._lanes.get(air)
+        if lane is None:
+            lane = self._lanes[air] = _Lane(air)
+            await self._start_lane(lane)
+        for job in jobs:
+            # The key needs the backend; until it is loaded every job is its own batch.
+            key = lane.backend.batch_key(job) if lane.backend else job.job_id
+            lane.waiting.append(_Waiting(job, sink, key))
+        lane.arrived.set()
+
+    def queued(self) -> int:
+        return sum(len(lane.waiting) for lane in self._lanes.values())
+
+    async def _start_lane(self, lane: _Lane) -> None:
+        # One runner until the backend tells us its concurrency.
+        lane.runners.append(asyncio.create_task(self._run_lane(lane), name=f"lane {lane.air}"))
+
+    async def _backend(self, lane: _Lane) -> Backend:
+        if lane.backend is None:
+            async with self._backend_lock:
+                if lane.backend is None:
+                    backend = await self._load_backend(lane.air)
+                    lane.backend = backend
+                    for waiting in lane.waiting:
+                        waiting.key = backend.batch_key(waiting.job)
+                    for _ in range(max(1, backend.concurrency) - len(lane.runners)):
+                        lane.runners.append(
+                            asyncio.create_task(self._run_lane(lane), name=f"lane {lane.air}")
+                        )
+        return lane.backend
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        while True:
+            while not lane.waiting:
+                lane.arrived.clear()
+                await lane.arrived.wait()
+            first = lane.waiting.popleft()
+            try:
+                backend = await self._backend(lane)
+            except ImpastoError as exc:
+                await self._fail([first], exc)
+                continue
+            except Exception:
+                log.exception("loading the backend of %s failed", lane.air)
+                await self._fail([first], InferenceError(f"Model {lane.air} failed to load."))
+                continue
+            first.key = backend.batch_key(first.job)
+            batch = [first]
+            await self._gather(lane, batch, backend.max_batch_size)
+            await self._run_batch(backend, batch)
+
+    async def _gather(self, lane: _Lane, batch: list[_Waiting], limit: int) -> None:
+        if limit <= 1:
+            return
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < limit:
+            for waiting in list(lane.waiting):
+                if waiting.key == batch[0].key and len(batch) < limit:
+                    lane.waiting.remove(waiting)
+                    batch.append(waiting)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= limit or remaining <= 0:
+                return
+            lane.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.arrived.wait(), remaining)
+
+    async def _run_batch(self, backend: Backend, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        sinks = {w.job.job_id: w.sink for w in batch}
+
+        def progress(jobs: Sequence[GenerationJob], percent: int) -> None:
+            # Called from backend threads: hop onto the loop.
+            def report() -> None:
+                for job in jobs:
+                    sink = sinks.get(job.job_id)
+                    if sink is not None:
+                        report_task = loop.create_task(sink.on_progress(job, percent))
+                        self._reports.add(report_task)
+                        report_task.add_done_callback(self._reports.discard)
+
+            loop.call_soon_threadsafe(report)
+
+        async def checkpoint(job: GenerationJob, data: Mapping[str, Any]) -> None:
+            await sinks[job.job_id].on_checkpoint(job, data)
+
+        jobs = [w.job for w in batch]
+        self.busy_since = time.monotonic()
+        try:
+            outcomes = await backend.generate(jobs, progress, checkpoint)
+            if len(outcomes) != len(jobs):
+                raise InferenceError("backend returned the wrong number of images")
+        except ImpastoError as exc:
+            outcomes = [exc] * len(jobs)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch of %d job(s) failed", len(jobs))
+            outcomes = [InferenceError("The model failed to generate the image.")] * len(jobs)
+        finally:
+            self.busy_since = None
+        for waiting, outcome in zip(batch, outcomes, strict=True):
+            await self._deliver(waiting, outcome)
+
+    async def _fail(self, batch: list[_Waiting], error: ImpastoError) -> None:
+        for waiting in batch:
+            await self._deliver(waiting, error)
+
+    @staticmethod
+    async def _deliver(waiting: _Waiting, outcome: Outcome) -> None:
+        try:
+            await waiting.sink.on_outcome(waiting.job, outcome)
+        except Exception:
+            log.exception("delivering the outcome of job %s failed", waiting.job.job_id)
+
+    async def close(self) -> None:
+        self._closed = True
+        for lane in self._lanes.values():
+            for runner in lane.runners:
+                runner.cancel()
+        for lane in self._lanes.values():
+            await asyncio.gather(*lane.runners, return_exceptions=True)
+            if lane.backend is not None:
+                await lane.backend.close()

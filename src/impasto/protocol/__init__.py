@@ -1,0 +1,1 @@
+"""Wire types of the Runware protocol, model request rules and the error tree."""

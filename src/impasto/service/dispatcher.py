@@ -1,0 +1,192 @@
+"""The dispatcher: one array of tasks in, data items and error items out, whatever the transport.
+
+Tasks of one request run concurrently; a bad task fails alone. Authentication comes from the
+transport (a Bearer header) or from a leading `authentication` task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from impasto.protocol.errors import (
+    AuthError,
+    ImpastoError,
+    InvalidParameter,
+    SyncTimeout,
+    http_status_for,
+)
+from impasto.protocol.results import ack_item
+from impasto.protocol.tasks import (
+    AuthenticationIn,
+    GetResponseIn,
+    ImageInferenceIn,
+    ImageUploadIn,
+    PingIn,
+    TaskIn,
+    parse_task,
+    task_context,
+)
+from impasto.service.inference import InferenceService
+from impasto.service.responses import ResponseService
+from impasto.service.uploads import UploadService
+from impasto.state.base import EventBus
+
+log = logging.getLogger("impasto.dispatcher")
+
+
+@dataclass
+class Envelope:
+    """What one request produced: data items and errors, in task order."""
+
+    data: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[ImpastoError] = field(default_factory=list)
+
+    def extend(self, other: Envelope) -> None:
+        self.data.extend(other.data)
+        self.errors.extend(other.errors)
+
+    @property
+    def http_status(self) -> int:
+        if self.data:
+            return 200
+        return http_status_for(self.errors)
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.data:
+            body["data"] = self.data
+        if self.errors or not self.data:
+            body["errors" if self.errors else "data"] = [e.to_item() for e in self.errors]
+        return body
+
+
+class Authenticator:
+    """API keys from settings; with none configured the server is open."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = [k.encode() for k in keys]
+
+    @property
+    def open(self) -> bool:
+        return not self._keys
+
+    def check(self, key: str | None) -> None:
+        if self.open:
+            return
+        if not key:
+            raise AuthError(
+                "An API key is required: send Authorization: Bearer <key> or an authentication "
+                "task first.",
+                code="missingApiKey",
+                parameter="apiKey",
+                task_type="authentication",
+            )
+        given = key.encode()
+        # Compare against every key so the time taken does not tell which one nearly matched.
+        matched = False
+        for candidate in self._keys:
+            matched |= hmac.compare_digest(given, candidate)
+        if not matched:
+            raise AuthError("Invalid API key.", parameter="apiKey", task_type="authentication")
+
+
+class TaskDispatcher:
+    """Routes parsed tasks to their services."""
+
+    def __init__(
+        self,
+        *,
+        auth: Authenticator,
+        bus: EventBus,
+        inference: InferenceService,
+        uploads: UploadService,
+        responses: ResponseService,
+        sync_timeout_s: float,
+    ) -> None:
+        self.auth = auth
+        self._bus = bus
+        self._inference = inference
+        self._uploads = uploads
+        self._responses = responses
+        self._sync_timeout_s = sync_timeout_s
+
+    async def handle_request(self, raw_tasks: list[Any], bearer: str | None) -> Envelope:
+        """A whole REST request: authenticate, then run every task."""
+        tasks = list(raw_tasks)
+        key = bearer
+        if tasks and isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication":
+            first = tasks.pop(0)
+            try:
+                key = parse_task(first).apiKey  # type: ignore[union-attr]
+            except ImpastoError as exc:
+                return Envelope(errors=[exc])
+        try:
+            self.auth.check(key)
+        except AuthError as exc:
+            return Envelope(errors=[exc])
+        results = await asyncio.gather(*(self.handle_task(raw) for raw in tasks))
+        envelope = Envelope()
+        for result in results:
+            envelope.extend(result)
+        return envelope
+
+    async def handle_task(self, raw: Any) -> Envelope:
+        """One task, already authenticated."""
+        task_type, task_uuid = task_context(raw)
+        try:
+            task = parse_task(raw)
+            return await self._run(task)
+        except ImpastoError as exc:
+            return Envelope(errors=[exc.for_task(task_type, task_uuid)])
+        except Exception:
+            log.exception("task %s (%s) failed unexpectedly", task_uuid, task_type)
+            error = ImpastoError("Internal error while handling the task.").for_task(
+                task_type, task_uuid
+            )
+            return Envelope(errors=[error])
+
+    async def _run(self, task: TaskIn) -> Envelope:
+        if isinstance(task, ImageInferenceIn):
+            return await self._image_inference(task)
+        if isinstance(task, ImageUploadIn):
+            return Envelope(data=[await self._uploads.upload(task)])
+        if isinstance(task, GetResponseIn):
+            return Envelope(data=await self._responses.items(task))
+        if isinstance(task, PingIn):
+            return Envelope(data=[{"taskType": "ping", "pong": True}])
+        if isinstance(task, AuthenticationIn):
+            raise InvalidParameter(
+                "authentication must be the first task of a request.",
+                code="invalidTaskOrder",
+                parameter="taskType",
+            )
+        raise AssertionError(f"unhandled task {type(task).__name__}")
+
+    async def _image_inference(self, task: ImageInferenceIn) -> Envelope:
+        if task.deliveryMethod == "async":
+            await self._inference.submit(task)
+            return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
+        envelope = Envelope()
+        async with self._bus.subscribe(task.taskUUID) as subscription:
+            await self._inference.submit(task)
+            seen: set[tuple[str, str]] = set()
+            try:
+                async for result in self._inference.follow(
+                    task.taskUUID, subscription, self._sync_timeout_s
+                ):
+                    if result.status == "success":
+                        envelope.data.append(result.item)
+                        continue
+                    error = ImpastoError.from_item(result.item)
+                    # One error item per distinct failure, not one per failed image.
+                    if (error.code, error.message) not in seen:
+                        seen.add((error.code, error.message))
+                        envelope.errors.append(error)
+            except SyncTimeout as exc:
+                envelope.errors.append(exc.for_task(task.taskType, task.taskUUID))
+        return envelope

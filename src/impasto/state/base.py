@@ -1,0 +1,76 @@
+"""The StateStore and EventBus seams."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from impasto.state.records import ImageRecord, ResultRecord, TaskRecord, TaskStatus
+
+
+class StateStore(Protocol):
+    """Tasks, result items and image records: the single truth that every delivery path reads."""
+
+    async def create_task(self, task: TaskRecord) -> None:
+        """Insert a task; raises ConflictTaskUUID if its UUID was used before."""
+
+    async def get_task(self, task_uuid: str) -> TaskRecord | None:
+        """The task, or None if unknown or swept."""
+
+    async def finish_task(
+        self, task_uuid: str, status: TaskStatus, error: dict[str, Any] | None, at: float
+    ) -> None:
+        """Mark a task finished (success or error)."""
+
+    async def update_task_extra(self, task_uuid: str, extra: dict[str, Any]) -> None:
+        """Merge backend bookkeeping into the task's `extra`."""
+
+    async def add_result(self, result: ResultRecord) -> bool:
+        """Store one result; False (and nothing changed) if that index is already stored."""
+
+    async def results(self, task_uuid: str) -> list[ResultRecord]:
+        """All stored results of a task, by index."""
+
+    async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
+        """Record how far generation `index` of a task is (0-100)."""
+
+    async def progress(self, task_uuid: str) -> dict[int, int]:
+        """Progress per generation index of a running task."""
+
+    async def unfinished_tasks(self) -> list[TaskRecord]:
+        """Tasks still processing (after a restart: the ones that were interrupted)."""
+
+    async def put_image(self, image: ImageRecord) -> None:
+        """Record a stored image."""
+
+    async def get_image(self, image_uuid: str) -> ImageRecord | None:
+        """The image record, or None."""
+
+    async def delete_image(self, image_uuid: str) -> None:
+        """Forget an image record."""
+
+    async def expired_images(self, now: float, limit: int) -> list[ImageRecord]:
+        """Images whose expiry has passed."""
+
+    async def sweep_tasks(self, finished_before: float) -> int:
+        """Delete tasks (and their results) finished before the given time; returns how many."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class Subscription(Protocol):
+    """A stream of change notifications for one task."""
+
+    async def wait(self, timeout: float | None) -> bool:
+        """True when a change arrived, False on timeout."""
+
+
+class EventBus(Protocol):
+    """Announces that a task has a new result, progress, or finished."""
+
+    async def publish(self, task_uuid: str) -> None:
+        """Wake everyone subscribed to this task."""
+
+    def subscribe(self, task_uuid: str) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe before reading state, so that no change is missed in between."""

@@ -1,0 +1,54 @@
+"""Internal records kept by a StateStore (frozen dataclasses; wire JSON only in `request`,
+`item` and `error`, which are stored exactly as they go on the wire)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TaskStatus = Literal["processing", "success", "error"]
+ResultStatus = Literal["success", "error"]
+ImageKind = Literal["output", "upload"]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One accepted task."""
+
+    task_uuid: str
+    task_type: str
+    request: dict[str, Any]
+    expected: int
+    created_at: float
+    status: TaskStatus = "processing"
+    error: dict[str, Any] | None = None
+    finished_at: float | None = None
+    model: str | None = None
+    # Backend bookkeeping that must survive a restart (e.g. a provider's task ids).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One finished generation of a task: its wire item, stored before it is announced."""
+
+    task_uuid: str
+    index: int
+    status: ResultStatus
+    item: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image we store (an output or an upload), with its storage key and expiry."""
+
+    image_uuid: str
+    key: str
+    content_type: str
+    kind: ImageKind
+    width: int
+    height: int
+    created_at: float
+    expires_at: float
+    task_uuid: str | None = None

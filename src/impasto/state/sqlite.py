@@ -1,0 +1,306 @@
+"""SqliteStateStore: the embedded StateStore, one SQLite file in the data dir.
+
+All SQL runs on one dedicated thread, so the event loop never waits on the disk and the
+connection is never shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from impasto.protocol.errors import ConflictTaskUUID
+from impasto.state.records import ImageRecord, ResultRecord, TaskRecord, TaskStatus
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_uuid   TEXT PRIMARY KEY,
+    task_type   TEXT NOT NULL,
+    model       TEXT,
+    request     TEXT NOT NULL,
+    expected    INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    error       TEXT,
+    extra       TEXT NOT NULL DEFAULT '{}',
+    created_at  REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at);
+CREATE TABLE IF NOT EXISTS results (
+    task_uuid  TEXT NOT NULL,
+    idx        INTEGER NOT NULL,
+    status     TEXT NOT NULL,
+    item       TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (task_uuid, idx)
+);
+CREATE TABLE IF NOT EXISTS images (
+    image_uuid   TEXT PRIMARY KEY,
+    key          TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    task_uuid    TEXT,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_expiry ON images(expires_at);
+"""
+
+
+def _task(row: sqlite3.Row) -> TaskRecord:
+    return TaskRecord(
+        task_uuid=row["task_uuid"],
+        task_type=row["task_type"],
+        model=row["model"],
+        request=json.loads(row["request"]),
+        expected=row["expected"],
+        status=row["status"],
+        error=json.loads(row["error"]) if row["error"] else None,
+        extra=json.loads(row["extra"]),
+        created_at=row["created_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+def _image(row: sqlite3.Row) -> ImageRecord:
+    return ImageRecord(
+        image_uuid=row["image_uuid"],
+        key=row["key"],
+        content_type=row["content_type"],
+        kind=row["kind"],
+        width=row["width"],
+        height=row["height"],
+        task_uuid=row["task_uuid"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+class SqliteStateStore:
+    """StateStore on a SQLite file (WAL mode; survives a kill -9 of the process)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        # Progress is ephemeral and only this process produces it: no need for the disk.
+        self._progress: dict[str, dict[int, int]] = {}
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        await self._run(self._connect)
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("SqliteStateStore used before open()")
+        return self._conn
+
+    async def create_task(self, task: TaskRecord) -> None:
+        def insert() -> None:
+            try:
+                self._db.execute(
+                    "INSERT INTO tasks (task_uuid, task_type, model, request, expected, status,"
+                    " error, extra, created_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        task.task_uuid,
+                        task.task_type,
+                        task.model,
+                        json.dumps(task.request),
+                        task.expected,
+                        task.status,
+                        json.dumps(task.error) if task.error else None,
+                        json.dumps(task.extra),
+                        task.created_at,
+                        task.finished_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ConflictTaskUUID(
+                    f"taskUUID {task.task_uuid} was already used; fetch its results with "
+                    "getResponse or send a new taskUUID.",
+                    parameter="taskUUID",
+                ) from None
+
+        await self._run(insert)
+
+    async def get_task(self, task_uuid: str) -> TaskRecord | None:
+        def select() -> TaskRecord | None:
+            row = self._db.execute(
+                "SELECT * FROM tasks WHERE task_uuid = ?", (task_uuid,)
+            ).fetchone()
+            return _task(row) if row else None
+
+        return await self._run(select)
+
+    async def finish_task(
+        self, task_uuid: str, status: TaskStatus, error: dict[str, Any] | None, at: float
+    ) -> None:
+        self._progress.pop(task_uuid, None)
+        await self._run(
+            lambda: self._db.execute(
+                "UPDATE tasks SET status = ?, error = ?, finished_at = ? WHERE task_uuid = ?",
+                (status, json.dumps(error) if error else None, at, task_uuid),
+            )
+        )
+
+    async def update_task_extra(self, task_uuid: str, extra: dict[str, Any]) -> None:
+        def update() -> None:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute(
+                    "SELECT extra FROM tasks WHERE task_uuid = ?", (task_uuid,)
+                ).fetchone()
+                if row is None:
+                    return
+                merged = {**json.loads(row["extra"]), **extra}
+                self._db.execute(
+                    "UPDATE tasks SET extra = ? WHERE task_uuid = ?",
+                    (json.dumps(merged), task_uuid),
+                )
+
+        await self._run(update)
+
+    async def add_result(self, result: ResultRecord) -> bool:
+        def insert() -> bool:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO results (task_uuid, idx, status, item, created_at)"
+                " VALUES (?,?,?,?,?)",
+                (
+                    result.task_uuid,
+                    result.index,
+                    result.status,
+                    json.dumps(result.item),
+                    result.created_at,
+                ),
+            )
+            return cursor.rowcount == 1
+
+        stored = await self._run(insert)
+        if stored:
+            self._progress.get(result.task_uuid, {}).pop(result.index, None)
+        return stored
+
+    async def results(self, task_uuid: str) -> list[ResultRecord]:
+        def select() -> list[ResultRecord]:
+            rows = self._db.execute(
+                "SELECT * FROM results WHERE task_uuid = ? ORDER BY idx", (task_uuid,)
+            ).fetchall()
+            return [
+                ResultRecord(
+                    task_uuid=row["task_uuid"],
+                    index=row["idx"],
+                    status=row["status"],
+                    item=json.loads(row["item"]),
+                    created_at=row["created_at"],
+                )
+                for row in rows
+            ]
+
+        return await self._run(select)
+
+    async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
+        self._progress.setdefault(task_uuid, {})[index] = percent
+
+    async def progress(self, task_uuid: str) -> dict[int, int]:
+        return dict(self._progress.get(task_uuid, {}))
+
+    async def unfinished_tasks(self) -> list[TaskRecord]:
+        def select() -> list[TaskRecord]:
+            rows = self._db.execute(
+                "SELECT * FROM tasks WHERE status = 'processing' ORDER BY created_at"
+            ).fetchall()
+            return [_task(row) for row in rows]
+
+        return await self._run(select)
+
+    async def put_image(self, image: ImageRecord) -> None:
+        await self._run(
+            lambda: self._db.execute(
+                "INSERT OR REPLACE INTO images (image_uuid, key, content_type, kind, width,"
+                " height, task_uuid, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    image.image_uuid,
+                    image.key,
+                    image.content_type,
+                    image.kind,
+                    image.width,
+                    image.height,
+                    image.task_uuid,
+                    image.created_at,
+                    image.expires_at,
+                ),
+            )
+        )
+
+    async def get_image(self, image_uuid: str) -> ImageRecord | None:
+        def select() -> ImageRecord | None:
+            row = self._db.execute(
+                "SELECT * FROM images WHERE image_uuid = ?", (image_uuid,)
+            ).fetchone()
+            return _image(row) if row else None
+
+        return await self._run(select)
+
+    async def delete_image(self, image_uuid: str) -> None:
+        await self._run(
+            lambda: self._db.execute("DELETE FROM images WHERE image_uuid = ?", (image_uuid,))
+        )
+
+    async def expired_images(self, now: float, limit: int) -> list[ImageRecord]:
+        def select() -> list[ImageRecord]:
+            rows = self._db.execute(
+                "SELECT * FROM images WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            return [_image(row) for row in rows]
+
+        return await self._run(select)
+
+    async def sweep_tasks(self, finished_before: float) -> int:
+        def delete() -> int:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "DELETE FROM results WHERE task_uuid IN (SELECT task_uuid FROM tasks"
+                    " WHERE finished_at IS NOT NULL AND finished_at < ?)",
+                    (finished_before,),
+                )
+                cursor = self._db.execute(
+                    "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
+                    (finished_before,),
+                )
+                return cursor.rowcount
+
+        return await self._run(delete)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(close)
+        self._executor.shutdown(wait=True)
