@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     port: int = 8080
     data_dir: Path = Field(default_factory=_default_data_dir)
     models: Path | None = Field(default=None, description="models file (TOML)")
+    models_cache: Path | None = Field(
+        default=None, description="where built-in models are built/cached; default DATA_DIR/models"
+    )
     public_url: str | None = Field(
         default=None, description="base URL of image links; default http://HOST:PORT"
     )
@@ -81,4 +84,4 @@ class Settings(BaseSettings):
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_cache or self.data_dir / "models"
