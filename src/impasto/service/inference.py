@@ -20,6 +20,7 @@ from impasto.delivery.codecs import encode_image
 from impasto.engine.scheduler import Scheduler
 from impasto.protocol.errors import (
     ConflictTaskUUID,
+    ContentBlocked,
     ImpastoError,
     InferenceError,
     InvalidParameter,
@@ -28,6 +29,7 @@ from impasto.protocol.errors import (
 from impasto.protocol.results import image_item
 from impasto.protocol.tasks import MAX_SEED, ImageInferenceIn, check_against_rules
 from impasto.service.images import ImageResolver
+from impasto.service.safety import ContentSafety, wants_output_check
 from impasto.state.base import EventBus, StateStore, Subscription
 from impasto.state.records import ImageRecord, ResultRecord, TaskRecord
 from impasto.storage.base import ImageStore
@@ -59,6 +61,7 @@ class InferenceService:
         encode_pool: Executor,
         image_base_url: str,
         output_retention_s: int,
+        safety: ContentSafety,
     ) -> None:
         self._registry = registry
         self._state = state
@@ -69,6 +72,7 @@ class InferenceService:
         self._encode_pool = encode_pool
         self._image_base_url = image_base_url
         self._output_retention_s = output_retention_s
+        self._safety = safety
         self._schedulers = frozenset(known_schedulers())
 
     def image_url(self, key: str) -> str:
@@ -87,6 +91,7 @@ class InferenceService:
                 code="invalidScheduler",
                 parameter="scheduler",
             )
+        self._safety.validate(task)
         return resolved
 
     async def submit(self, task: ImageInferenceIn) -> None:
@@ -99,6 +104,7 @@ class InferenceService:
                 parameter="taskUUID",
             )
         references = await self._references(task)
+        await self._safety.screen_input(task, references)
         seeds = seeds_for(task.seed, task.numberResults)
         record = TaskRecord(
             task_uuid=task.taskUUID,
@@ -199,6 +205,15 @@ class InferenceService:
         generated: GeneratedImage,
         now: float,
     ) -> ResultRecord:
+        nsfw = None
+        if wants_output_check(task):
+            verdict = (await self._safety.check_outputs(task, [generated.image]))[0]
+            if verdict.withhold:
+                raise ContentBlocked(
+                    "The generated image was flagged by the content checker and withheld.",
+                    parameter="safety.checkContent",
+                )
+            nsfw = verdict.nsfw
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(
             self._encode_pool, encode_image, generated.image, task.outputFormat, task.outputQuality
@@ -236,6 +251,7 @@ class InferenceService:
             url=self.image_url(key),
             seed=generated.seed,
             cost=cost,
+            nsfw=nsfw,
         )
         record = ResultRecord(task.taskUUID, job.index, "success", item, now)
         if not await self._state.add_result(record):

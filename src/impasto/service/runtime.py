@@ -22,6 +22,7 @@ from impasto.service.dispatcher import Authenticator, TaskDispatcher
 from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
 from impasto.service.responses import ResponseService
+from impasto.service.safety import UnavailableSafety
 from impasto.service.uploads import UploadService
 from impasto.settings import Settings
 from impasto.state.base import EventBus, StateStore
@@ -93,6 +94,7 @@ class Runtime:
             encode_pool=encode_pool,
             image_base_url=settings.image_base_url,
             output_retention_s=settings.output_retention_s,
+            safety=UnavailableSafety(),
         )
         uploads = UploadService(
             state=state,
