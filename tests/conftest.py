@@ -8,6 +8,7 @@ import io
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,15 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
+    def runtime(self) -> Any:
+        """The server's service.runtime.Runtime (for white-box checks)."""
+        return self.server.config.app.state.runtime
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's own event loop and wait for its result."""
+        loop = self.server.servers[0].get_loop()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=timeout)
+
 
 def start_server(settings: Settings) -> RunningServer:
     config = uvicorn.Config(
@@ -115,6 +125,20 @@ def server_factory(tmp_path: Path, tiny_models_dir: Path) -> Iterator[Callable[.
 @pytest.fixture
 def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
     return server_factory()
+
+
+def tiny_task(**fields: Any) -> dict[str, Any]:
+    """A small imageInference task for impasto:tiny@1 with a fresh taskUUID."""
+    task: dict[str, Any] = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "model": "impasto:tiny@1",
+        "positivePrompt": "a lighthouse at dusk",
+        "width": 64,
+        "height": 64,
+    }
+    task.update(fields)
+    return task
 
 
 def image_bytes(size: tuple[int, int] = (64, 48), fmt: str = "PNG", color: Any = "red") -> bytes:

@@ -18,11 +18,11 @@ def _run(*command: str) -> None:
 
 
 def test_ruff_lint() -> None:
-    _run(str(BIN / "ruff"), "check", "src", "tests", "bench")
+    _run(str(BIN / "ruff"), "check", "src", "tests", "bench", "examples")
 
 
 def test_ruff_format() -> None:
-    _run(str(BIN / "ruff"), "format", "--check", "src", "tests", "bench")
+    _run(str(BIN / "ruff"), "format", "--check", "src", "tests", "bench", "examples")
 
 
 def test_mypy_strict() -> None:

@@ -87,7 +87,8 @@ def _save_item(client: httpx.Client, item: dict[str, Any], out: Path) -> Path | 
         ext = item["imageURL"].rsplit(".", 1)[-1].split("?")[0]
         data = response.content
     elif "imageBase64Data" in item:
-        data, ext = base64.b64decode(item["imageBase64Data"]), "img"
+        data = base64.b64decode(item["imageBase64Data"])
+        ext = "png" if data[:4] == b"\x89PNG" else "webp" if data[8:12] == b"WEBP" else "jpg"
     elif "imageDataURI" in item:
         header, _, payload = item["imageDataURI"].partition(",")
         ext = header.split("/")[1].split(";")[0].replace("jpeg", "jpg")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -16,7 +16,9 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Every knob of impasto; each is also an `IMPASTO_<NAME>` environment variable."""
 
-    model_config = SettingsConfigDict(env_prefix="IMPASTO_", extra="ignore")
+    # populate_by_name: fields read from a provider's own variable (RUNWAYML_API_SECRET) can
+    # still be given by field name in code and tests.
+    model_config = SettingsConfigDict(env_prefix="IMPASTO_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -36,6 +38,8 @@ class Settings(BaseSettings):
     # Requests
     max_body_bytes: int = 32 * 1024 * 1024
     sync_timeout_s: float = 300.0
+    ws_idle_timeout_s: float = 120.0
+    ws_session_ttl_s: float = 120.0
 
     # Retention
     output_retention_s: int = 7 * 24 * 3600
@@ -50,13 +54,92 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     upload_max_side: int = 2048
 
+    # Webhooks and upload endpoints
+    webhook_secret: str | None = Field(
+        default=None, description="signs webhooks with HMAC-SHA256 when set"
+    )
+    delivery_max_attempts: int = 12
+    delivery_base_delay_s: float = 1.0
+    delivery_max_delay_s: float = 60.0
+    delivery_budget_s: float = 30 * 60.0
+    delivery_connect_timeout_s: float = 5.0
+    webhook_read_timeout_s: float = 30.0
+    upload_read_timeout_s: float = 120.0
+
     # Engine
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
+    vram_budget_gb: float | None = Field(
+        default=None, description="model weights kept per device; default 90% of a GPU"
+    )
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="AIRs loaded and warmed up (compiled) at start-up"
+    )
     max_batch_size: int = 1
     batch_wait_ms: float = 5.0
     encode_threads: int = 2
 
-    @field_validator("api_keys", "devices", mode="before")
+    # Runway (runway:4@1, runway:4@2). Key and base URL also come from the runwayml SDK's own
+    # variables, so one environment serves both the SDK's examples and impasto.
+    runway_api_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("IMPASTO_RUNWAY_API_SECRET", "RUNWAYML_API_SECRET"),
+        description="Runway API key (key_...); also RUNWAYML_API_SECRET",
+    )
+    runway_base_url: str = Field(
+        default="https://api.dev.runwayml.com",
+        validation_alias=AliasChoices("IMPASTO_RUNWAY_BASE_URL", "RUNWAYML_BASE_URL"),
+        description="Runway API base URL; also RUNWAYML_BASE_URL (point it at a test double)",
+    )
+    # Runway: "do not expect updates more often than once every five seconds".
+    runway_poll_interval_s: float = Field(default=5.0, gt=0)
+    runway_concurrency: int = Field(default=4, ge=1, description="Runway tasks at once per model")
+    runway_request_timeout_s: float = Field(default=60.0, gt=0)
+    runway_task_timeout_s: float = Field(
+        default=1800.0, gt=0, description="give up (and cancel) a Runway task after this long"
+    )
+
+    # --- Content safety (safety.checkContent / blockContent; docs/safety.md) -----------------
+    safety_checker: str = Field(
+        default="nudenet",
+        description="nudenet (the AGPL-3.0 `safety` extra) | hf:<model id or path> | none",
+    )
+    safety_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="a counted label scoring this or more flags"
+    )
+    safety_labels: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="comma-separated labels that count; default: the checker's"
+    )
+    safety_mode: str = Field(default="fast", description="fast | full, when a task names none")
+    safety_withhold_flagged: bool = Field(
+        default=False, description="flagged outputs fail with sensitiveContentDetected"
+    )
+    safety_prompt_terms: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="comma-separated prompt terms; default: a built-in list"
+    )
+    safety_prompt_terms_file: Path | None = Field(
+        default=None, description="more prompt terms, one per line (# comments)"
+    )
+    safety_device: str = Field(default="cpu", description="torch device of an hf: checker")
+    safety_batch_size: int = Field(default=8, ge=1, description="images per checker call")
+    safety_threads: int = Field(default=1, ge=1, description="checker calls at once")
+
+    @field_validator("safety_labels", "safety_prompt_terms", mode="before")
+    @classmethod
+    def _split_safety_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("safety_mode")
+    @classmethod
+    def _known_safety_mode(cls, value: str) -> str:
+        if value not in ("fast", "full"):
+            raise ValueError("must be fast or full")
+        return value
+
+    # --- end of content safety ----------------------------------------------------------------
+
+    @field_validator("api_keys", "devices", "preload", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from impasto.api.errors import install_error_handlers
 from impasto.api.rest import router as rest_router
+from impasto.api.websocket import router as websocket_router
 from impasto.service.runtime import Runtime
 from impasto.settings import Settings
 
@@ -44,4 +45,5 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(rest_router)
+    app.include_router(websocket_router)
     return app

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -13,8 +15,17 @@ from impasto.protocol.errors import ImpastoError, http_status_for
 log = logging.getLogger("impasto.api")
 
 
+class EnvelopeResponse(JSONResponse):
+    """A Runware envelope as ASCII JSON. Clients may send strings with lone surrogates (valid
+    JSON, not valid Unicode) that come back in error items; escaped, they cannot break the
+    reply the way Starlette's UTF-8 rendering does."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(errors: list[ImpastoError]) -> JSONResponse:
-    return JSONResponse(
+    return EnvelopeResponse(
         {"errors": [e.to_item() for e in errors]}, status_code=http_status_for(errors)
     )
 

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from impasto.api.errors import error_response
+from impasto.api.errors import EnvelopeResponse, error_response
 from impasto.protocol.errors import ImpastoError, PayloadTooLarge, RequestError
 from impasto.service.runtime import Runtime
 
@@ -54,7 +54,8 @@ async def read_task_array(request: Request, limit: int) -> list[Any]:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # json raises RecursionError on deeply nested arrays: bad input, not a server fault.
         raise RequestError("Request body is not valid JSON.", code="invalidJSON") from None
     if not isinstance(parsed, list):
         raise RequestError("Request body must be a JSON array of tasks.")
@@ -79,10 +80,12 @@ async def run_tasks(request: Request) -> Response:
     except ImpastoError as exc:
         return error_response([exc])
     envelope = await runtime.dispatcher.handle_request(tasks, bearer_token(request))
-    return JSONResponse(envelope.body(), status_code=envelope.http_status)
+    return EnvelopeResponse(envelope.body(), status_code=envelope.http_status)
 
 
-@router.get("/image/{name}", summary="An image we store (output or upload)")
+@router.api_route(
+    "/image/{name}", methods=["GET", "HEAD"], summary="An image we store (output or upload)"
+)
 async def get_image(name: str, request: Request) -> Response:
     runtime = runtime_of(request)
     image_uuid, _, _ = name.partition(".")
@@ -111,3 +114,11 @@ async def healthz(request: Request) -> dict[str, Any]:
         "uptime_s": round(time.time() - runtime.started_at, 3),
         "queued_jobs": runtime.scheduler.queued(),
     }
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        runtime_of(request).metrics.render(),
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+    )

@@ -67,11 +67,15 @@ CheckpointCallback = Callable[[GenerationJob, Mapping[str, Any]], Any]
 class Backend(Protocol):
     """Turns a batch of compatible jobs into images, one outcome per job in order."""
 
-    max_batch_size: int
-    concurrency: int
+    @property
+    def concurrency(self) -> int:
+        """How many `generate` calls may run at once."""
 
     def batch_key(self, job: GenerationJob) -> Hashable:
         """Jobs with equal keys may be run in one `generate` call."""
+
+    def batch_limit(self, job: GenerationJob) -> int:
+        """At most how many jobs like this one may share a `generate` call."""
 
     async def generate(
         self,

@@ -1,17 +1,33 @@
 """DiffusersBackend: any diffusers text-to-image pipeline, by Hugging Face id or local path.
 
-The pipeline is loaded lazily on its device's worker thread. Jobs with the same size, steps,
-guidance, scheduler and strength run in one pipeline call with one generator per image, so each
-image keeps its own seed. Reference images take the img2img path of the same components
+One replica of the pipeline per device, loaded lazily on that device's worker thread and kept
+within the device's memory budget (least recently used models are unloaded). Jobs with the
+same size, steps, guidance, scheduler and strength run in one pipeline call with one generator
+per image, so each image keeps its own seed and its own initial noise.
+
+Batching and pixels: kernels sum in a different order for different batch sizes, so an image
+made in a batch of 4 can differ from the same seed made alone by rounding (measured on the
+tiny model on CPU: at most ~3e-5 before 8-bit quantisation, i.e. a few pixels one level
+apart). Models whose settings say `batch_invariant = true` run every call at their full batch
+size, padding with throw-away samples: the shape never changes, and an image is then
+bit-identical whether it was batched or alone, at the price of full-batch work at low load.
+
+Reference images take the img2img path of the same components
 (`AutoPipelineForImage2Image.from_pipe`), conditioned on the first reference.
+
+A CUDA out-of-memory error splits the batch in halves and retries each (the worker never dies
+of it); the size that failed is remembered so later batches of that shape start smaller.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
+import time
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +48,7 @@ from impasto.protocol.errors import ImpastoError, InferenceError, InvalidParamet
 log = logging.getLogger("impasto.backends.diffusers")
 
 DEFAULT_STRENGTH = 0.8
+PAD_PROMPT = ""
 
 
 class ModelUnavailable(ImpastoError):
@@ -60,26 +77,51 @@ def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-class DiffusersBackend:
-    """Runs one diffusers pipeline on one device."""
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
 
-    concurrency = 1
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+@dataclass
+class _Replica:
+    """The pipeline on one device, and what was built from it."""
+
+    pipeline: Any
+    size_bytes: int
+    img2img: Any = None
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+
+class DiffusersBackend:
+    """Runs one diffusers pipeline, one replica per device."""
 
     def __init__(
         self,
         entry: ModelEntry,
         source: str | Path,
-        worker: DeviceWorker,
+        workers: Sequence[DeviceWorker],
         max_batch_size: int,
     ) -> None:
         self.entry = entry
         self.source = source
-        self.worker = worker
-        self.max_batch_size = int(entry.settings.get("max_batch_size", max_batch_size))
+        self._workers = list(workers)
         self._settings: Mapping[str, Any] = entry.settings
-        self._pipeline: Any = None
-        self._img2img: Any = None
-        self._schedulers: dict[str, Any] = {}
+        self.max_batch_size = max(1, int(self._settings.get("max_batch_size", max_batch_size)))
+        # Pixels of one call (width x height x batch): bounds the batch at large sizes.
+        self._max_batch_pixels = int(self._settings.get("max_batch_pixels", 4 * 1024 * 1024))
+        self._batch_invariant = bool(self._settings.get("batch_invariant", False))
+        self._compile = bool(self._settings.get("compile", False))
+        self._replicas: dict[str, _Replica] = {}
+        self._oom_limits: dict[tuple[int, int], int] = {}
+        self._idle: asyncio.Queue[DeviceWorker] | None = None
+        self.compile_seconds: float | None = None
+        # Sizes of the batches run so far (bounded), for metrics and tests.
+        self.batch_sizes: list[int] = []
+
+    @property
+    def concurrency(self) -> int:
+        return len(self._workers)
 
     # -- batching -------------------------------------------------------------------------
 
@@ -94,6 +136,13 @@ class DiffusersBackend:
             bool(job.reference_images),
         )
 
+    def batch_limit(self, job: GenerationJob) -> int:
+        """How many jobs like this one may share a call: the model's maximum, fewer at sizes
+        where that many would not fit the pixel budget or ran out of memory before."""
+        by_pixels = max(1, self._max_batch_pixels // max(1, job.width * job.height))
+        limit = min(self.max_batch_size, by_pixels)
+        return min(limit, self._oom_limits.get((job.width, job.height), limit))
+
     # -- generation -------------------------------------------------------------------------
 
     async def generate(
@@ -102,17 +151,68 @@ class DiffusersBackend:
         progress: ProgressCallback,
         checkpoint: CheckpointCallback,
     ) -> list[Outcome]:
-        images = await self.worker.run(self._generate, list(jobs), progress)
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for worker in self._workers:
+                self._idle.put_nowait(worker)
+        worker = await self._idle.get()
+        try:
+            images = await worker.run(self._generate_split, worker, list(jobs), progress)
+        finally:
+            self._idle.put_nowait(worker)
         return [
             GeneratedImage(image=image, seed=job.seed)
             for job, image in zip(jobs, images, strict=True)
         ]
 
-    def _generate(self, jobs: list[GenerationJob], progress: ProgressCallback) -> list[Image.Image]:
+    def _generate_split(
+        self, worker: DeviceWorker, jobs: list[GenerationJob], progress: ProgressCallback
+    ) -> list[Image.Image]:
+        try:
+            return self._generate(worker, jobs, progress)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._release_memory(worker)
+            first = jobs[0]
+            if len(jobs) == 1:
+                log.error(
+                    "out of memory for one %dx%d image of %s",
+                    first.width,
+                    first.height,
+                    self.entry.air,
+                )
+                raise InferenceError(
+                    f"Model {self.entry.air} ran out of GPU memory at "
+                    f"{first.width}x{first.height}; try a smaller size."
+                ) from None
+            half = len(jobs) // 2
+            self._oom_limits[(first.width, first.height)] = half
+            log.warning(
+                "out of memory for a batch of %d at %dx%d; splitting",
+                len(jobs),
+                first.width,
+                first.height,
+            )
+            return self._generate_split(worker, jobs[:half], progress) + self._generate_split(
+                worker, jobs[half:], progress
+            )
+
+    @staticmethod
+    def _release_memory(worker: DeviceWorker) -> None:
+        if worker.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _generate(
+        self, worker: DeviceWorker, jobs: list[GenerationJob], progress: ProgressCallback
+    ) -> list[Image.Image]:
         import torch
 
         first = jobs[0]
-        pipeline = self._load()
+        replica = self._replica(worker)
+        pipeline = replica.pipeline
         steps = first.steps or int(self._settings.get("steps", 20))
         guidance = (
             first.cfg_scale
@@ -123,19 +223,26 @@ class DiffusersBackend:
             self._settings.get("size_multiple_factor", 1)
         )
         width, height = _round_up(first.width, multiple), _round_up(first.height, multiple)
-        generator_device = "cpu" if self.worker.device == "cpu" else self.worker.device
-        generators = [
-            torch.Generator(device=generator_device).manual_seed(job.seed) for job in jobs
-        ]
+        seeds = [job.seed for job in jobs]
+        prompts = [job.prompt for job in jobs]
+        negatives = [job.negative_prompt or "" for job in jobs]
+        references = [job.reference_images[0].image for job in jobs if job.reference_images]
+        padding = self.max_batch_size - len(jobs) if self._batch_invariant else 0
+        if padding > 0:
+            seeds += [0] * padding
+            prompts += [PAD_PROMPT] * padding
+            negatives += [""] * padding
+            references += references[:1] * padding if references else []
+        generator_device = "cpu" if worker.device == "cpu" else worker.device
         kwargs: dict[str, Any] = {
-            "prompt": [job.prompt for job in jobs],
+            "prompt": prompts,
             "num_inference_steps": steps,
             "guidance_scale": guidance,
-            "generator": generators,
+            "generator": [torch.Generator(device=generator_device).manual_seed(s) for s in seeds],
             "output_type": "pil",
         }
         if first.reference_images:
-            pipeline = self._image_to_image()
+            pipeline = self._image_to_image(replica)
             strength = first.strength if first.strength is not None else DEFAULT_STRENGTH
             # img2img runs int(steps * strength) steps; keep at least one.
             kwargs["num_inference_steps"] = min(
@@ -143,10 +250,8 @@ class DiffusersBackend:
             )
             kwargs["strength"] = strength
             kwargs["image"] = [
-                job.reference_images[0]
-                .image.convert("RGB")
-                .resize((width, height), Image.Resampling.LANCZOS)
-                for job in jobs
+                image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+                for image in references
             ]
         else:
             kwargs["width"], kwargs["height"] = width, height
@@ -158,7 +263,7 @@ class DiffusersBackend:
                     code="unsupportedParameter",
                     parameter="negativePrompt",
                 )
-            kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+            kwargs["negative_prompt"] = negatives
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             total = max(1, int(getattr(pipe, "_num_timesteps", 0) or steps))
@@ -167,30 +272,45 @@ class DiffusersBackend:
 
         if "callback_on_step_end" in accepted:
             kwargs["callback_on_step_end"] = on_step_end
-        pipeline.scheduler = self._scheduler(first.scheduler)
+        pipeline.scheduler = self._scheduler(replica, first.scheduler)
+        self.batch_sizes = [*self.batch_sizes[-999:], len(jobs)]
         try:
             output = pipeline(**kwargs)
         except ImpastoError:
             raise
-        except torch.OutOfMemoryError:
-            raise
         except (RuntimeError, ValueError) as exc:
+            if is_out_of_memory(exc):
+                raise
             log.exception("pipeline call failed for %s", self.entry.air)
             raise InferenceError(f"Model {self.entry.air} failed to generate the image.") from exc
         return [
             _center_crop(image, job.width, job.height)
-            for job, image in zip(jobs, output.images, strict=True)
+            for job, image in zip(jobs, output.images[: len(jobs)], strict=True)
         ]
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _load(self) -> Any:
-        if self._pipeline is not None:
-            return self._pipeline
+    def _replica(self, worker: DeviceWorker) -> _Replica:
+        replica = self._replicas.get(worker.device)
+        if replica is None:
+            replica = self._load(worker)
+            self._replicas[worker.device] = replica
+        evicted = worker.models.use(
+            self.entry.air, replica.size_bytes, lambda: self._unload(worker)
+        )
+        for air in evicted:
+            log.info("unloaded %s from %s to make room for %s", air, worker.device, self.entry.air)
+        return replica
+
+    def _unload(self, worker: DeviceWorker) -> None:
+        if self._replicas.pop(worker.device, None) is not None:
+            self._release_memory(worker)
+
+    def _load(self, worker: DeviceWorker) -> _Replica:
         import diffusers
         import torch
 
-        device = self.worker.device
+        device = worker.device
         options: dict[str, Any] = {"dtype": _dtype(self._settings.get("dtype"), device)}
         if "variant" in self._settings and device != "cpu":
             options["variant"] = self._settings["variant"]
@@ -198,6 +318,7 @@ class DiffusersBackend:
         loader = (
             getattr(diffusers, class_name) if class_name else diffusers.AutoPipelineForText2Image
         )
+        started = time.monotonic()
         try:
             pipeline = loader.from_pretrained(str(self.source), **options)
         except (OSError, ValueError) as exc:
@@ -211,56 +332,104 @@ class DiffusersBackend:
             ) from None
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
-        # channels_last speeds up the convolutions of UNets and VAEs on CPUs and GPUs alike.
-        for name in ("unet", "vae"):
+        size_bytes = 0
+        for name in pipeline.components:
             module = getattr(pipeline, name, None)
             if isinstance(module, torch.nn.Module):
-                module.to(memory_format=torch.channels_last)
-        self._schedulers["Default"] = pipeline.scheduler
-        self._pipeline = pipeline
-        log.info("loaded %s from %s on %s", self.entry.air, self.source, device)
-        return pipeline
+                size_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
+                if name in ("unet", "vae"):
+                    # channels_last speeds up convolutions on CPUs and GPUs alike.
+                    module.to(memory_format=torch.channels_last)
+        if self._compile:
+            self._compile_denoiser(pipeline)
+        replica = _Replica(pipeline=pipeline, size_bytes=size_bytes)
+        replica.schedulers["Default"] = pipeline.scheduler
+        log.info(
+            "loaded %s from %s on %s (%.2f GB) in %.1f s",
+            self.entry.air,
+            self.source,
+            device,
+            size_bytes / 1024**3,
+            time.monotonic() - started,
+        )
+        return replica
 
-    def _image_to_image(self) -> Any:
-        if self._img2img is None:
+    def _compile_denoiser(self, pipeline: Any) -> None:
+        import torch
+
+        for name in ("unet", "transformer"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                mode = str(self._settings.get("compile_mode", "max-autotune-no-cudagraphs"))
+                setattr(pipeline, name, torch.compile(module, mode=mode, fullgraph=False))
+
+    async def warmup(self) -> float:
+        """Load every replica and run one image at the default size (this is when
+        torch.compile does its work); returns the seconds it took."""
+        width, height = self.entry.rules.sizes.default
+        job = GenerationJob(
+            task_uuid="warmup",
+            index=0,
+            model=self.entry.air,
+            prompt="warm-up",
+            width=width,
+            height=height,
+            seed=0,
+        )
+        started = time.monotonic()
+        for worker in self._workers:
+            await worker.run(self._generate_split, worker, [job], lambda jobs, percent: None)
+        seconds = time.monotonic() - started
+        if self._compile:
+            self.compile_seconds = seconds
+        log.info(
+            "warmed up %s in %.1f s%s",
+            self.entry.air,
+            seconds,
+            " (including torch.compile)" if self._compile else "",
+        )
+        return seconds
+
+    def _image_to_image(self, replica: _Replica) -> Any:
+        if replica.img2img is None:
             from diffusers import AutoPipelineForImage2Image
 
             try:
-                self._img2img = AutoPipelineForImage2Image.from_pipe(self._load())
+                replica.img2img = AutoPipelineForImage2Image.from_pipe(replica.pipeline)
             except ValueError:
                 raise InvalidParameter(
                     f"Model {self.entry.air} cannot use reference images.",
                     code="unsupportedParameter",
                     parameter="referenceImages",
                 ) from None
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
+            replica.img2img.set_progress_bar_config(disable=True)
+        return replica.img2img
 
-    def _scheduler(self, name: str | None) -> Any:
+    def _scheduler(self, replica: _Replica, name: str | None) -> Any:
         """The scheduler for a Runware name; built once from the model's own config."""
         import diffusers
 
-        default = self._schedulers["Default"]
+        default = replica.schedulers["Default"]
         wanted = resolve_scheduler(name) if name else None
         if wanted is None:
             return default
         key = name or "Default"
-        if key not in self._schedulers:
+        if key not in replica.schedulers:
             class_name, overrides = wanted
-            compatible = {c.__name__ for c in default.compatibles} | {type(default).__name__}
-            if class_name not in compatible:
+            # Flow-matching models (FLUX, SD3) and noise-prediction models (SD, SDXL) each need
+            # a scheduler of their own family; within a family any scheduler works.
+            is_flow = "FlowMatch" in type(default).__name__
+            if is_flow != ("FlowMatch" in class_name):
                 raise InvalidParameter(
                     f"Scheduler {name!r} does not work with model {self.entry.air}.",
                     code="invalidScheduler",
                     parameter="scheduler",
                 )
             cls = getattr(diffusers, class_name)
-            self._schedulers[key] = cls.from_config(default.config, **overrides)
-        return self._schedulers[key]
+            replica.schedulers[key] = cls.from_config(default.config, **overrides)
+        return replica.schedulers[key]
 
     async def close(self) -> None:
-        def release() -> None:
-            self._pipeline = None
-            self._img2img = None
-
-        await self.worker.run(release)
+        for worker in self._workers:
+            await worker.run(self._unload, worker)
+            worker.models.forget(self.entry.air)

@@ -5,14 +5,26 @@ given by import path (`backend = "package.module:Class"`), constructed as Class(
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from impasto.backends.base import Backend
 from impasto.backends.devices import DevicePool
-from impasto.backends.registry import ModelEntry
+from impasto.backends.registry import ModelEntry, ModelRegistry
 from impasto.protocol.errors import ProviderNotConfigured
+
+RUNWAY_DEFAULT_URL = "https://api.dev.runwayml.com"
+
+
+@dataclass(frozen=True)
+class RunwayOptions:
+    """How impasto drives Runway's task API (from Settings)."""
+
+    poll_interval_s: float = 5.0
+    concurrency: int = 4
+    request_timeout_s: float = 60.0
+    task_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -23,8 +35,28 @@ class BackendContext:
     devices: DevicePool
     max_batch_size: int
     outbound: Any = None
+    # By provider name ("runway"); a model entry's own `api_key`/`base_url` settings win.
     provider_keys: dict[str, str] | None = None
     provider_urls: dict[str, str] | None = None
+    runway: RunwayOptions = field(default_factory=RunwayOptions)
+
+
+def provider_key(entry: ModelEntry, context: BackendContext, provider: str) -> str | None:
+    """The API key for a provider-served entry: its own `api_key` setting, else the server's."""
+    own = entry.settings.get("api_key")
+    if own:
+        return str(own)
+    return (context.provider_keys or {}).get(provider) or None
+
+
+def models_without_keys(registry: ModelRegistry, context: BackendContext) -> list[str]:
+    """AIRs served by a provider (after aliasing) for which no API key is configured."""
+    missing = []
+    for entry in registry.entries():
+        target = registry.resolve(entry.air).target
+        if target.backend == "runway" and provider_key(target, context, "runway") is None:
+            missing.append(entry.air)
+    return missing
 
 
 def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
@@ -38,14 +70,33 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
             source: str | Path = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
         else:
             source = entry.path or ""
-        worker = context.devices.workers()[0]
-        return DiffusersBackend(entry, source, worker, context.max_batch_size)
+        # One replica per device: the lane then runs one batch per device at a time.
+        workers = context.devices.workers()
+        return DiffusersBackend(entry, source, workers, context.max_batch_size)
     if kind == "runway":
-        raise ProviderNotConfigured(
-            f"Model {entry.air} is served by Runway, and the Runway provider is not configured "
-            "on this server.",
-            parameter="model",
+        key = provider_key(entry, context, "runway")
+        if key is None:
+            raise ProviderNotConfigured(
+                f"Model {entry.air} is served by Runway, and the Runway provider is not "
+                "configured on this server (no API key).",
+                parameter="model",
+            )
+        try:
+            from impasto.backends.runway import RunwayBackend
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "runwayml":
+                raise
+            raise ProviderNotConfigured(
+                f"Model {entry.air} is served by Runway, and the runwayml package is not "
+                "installed on this server (pip install 'impasto[runway]').",
+                parameter="model",
+            ) from None
+        base_url = str(
+            entry.settings.get("base_url")
+            or (context.provider_urls or {}).get("runway")
+            or RUNWAY_DEFAULT_URL
         )
+        return RunwayBackend(entry, api_key=key, base_url=base_url, options=context.runway)
     if ":" in kind:
         module_name, _, class_name = kind.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)

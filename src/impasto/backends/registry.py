@@ -246,6 +246,13 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             min_side=int(table.get("min_side", sizes.min_side)),
             max_side=int(table.get("max_side", sizes.max_side)),
         )
+        # Tasks without width and height run at the default: it must pass the size rule too.
+        problem = sizes.check(default)
+        if problem is not None:
+            raise ModelsFileError(
+                f"{where}: default size {default[0]}x{default[1]} is not accepted by the "
+                f"model's own sizes ({problem}); set default_width and default_height"
+            )
         parameters = rules.parameters
         if "parameters" in table:
             parameters = frozenset(str(p) for p in table["parameters"])
@@ -316,6 +323,9 @@ class ModelRegistry:
             unknown = set(document) - {"models", "aliases"}
             if unknown:
                 raise ModelsFileError(f"{path}: unknown top-level tables {sorted(unknown)}")
+            for name in ("models", "aliases"):
+                if not isinstance(document.get(name, {}), dict):
+                    raise ModelsFileError(f"{path}: {name} must be a table")
             for air, table in dict(document.get("models", {})).items():
                 if not AIR_PATTERN.match(air):
                     raise ModelsFileError(f"models: {air!r} is not an AIR id (source:id@version)")

@@ -15,7 +15,7 @@ CONTENT_TYPES = {"JPG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 EXTENSIONS = {"JPG": "jpg", "PNG": "png", "WEBP": "webp"}
 FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in EXTENSIONS.items()} | {"jpeg": "JPG"}
 # What we accept as input (imageUpload, reference images).
-INPUT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF"})
+INPUT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.I)
 
@@ -100,7 +100,9 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageDecodeError("data is not a readable image") from None
     except (OSError, ValueError, SyntaxError):
         raise ImageDecodeError("image data is truncated or corrupt") from None
-    source_format = str(image.format)
+    # Cameras and phones write MPO: a JPEG with more pictures appended. Its first picture is
+    # what we decoded, and the file is a JPEG to every reader.
+    source_format = "JPEG" if image.format == "MPO" else str(image.format)
     if image.mode not in ("RGB", "RGBA"):
         image = image.convert(
             "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"

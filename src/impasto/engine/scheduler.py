@@ -1,9 +1,13 @@
 """The scheduler: one lane per model that runs jobs, a lane per backend instance.
 
 A lane holds the jobs waiting for its backend. Each of the backend's `concurrency` runners takes
-the oldest job, gathers waiting jobs with the same batch key (up to the backend's max batch,
-waiting at most `batch_wait` for more), runs them in one `generate` call and hands every outcome
-to the job's sink. A failing batch fails its own jobs and nothing else.
+the oldest job, gathers waiting jobs with the same batch key (up to the backend's batch limit),
+runs them in one `generate` call and hands every outcome to the job's sink. A failing batch
+fails its own jobs and nothing else.
+
+Waiting for companions costs a lone request latency, so a runner waits (at most `batch_wait`)
+only while the lane is under load, i.e. when its previous batch had company; otherwise it runs
+what is there at once, and whatever arrives meanwhile forms the next batch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from impasto.protocol.errors import ImpastoError, InferenceError
 log = logging.getLogger("impasto.engine")
 
 BackendLoader = Callable[[str], Awaitable[Backend]]
+# Told about every batch run: (model AIR, number of jobs, seconds).
+BatchObserver = Callable[[str, int, float], None]
 
 
 class JobSink(Protocol):
@@ -54,13 +60,20 @@ class _Lane:
         self.arrived = asyncio.Event()
         self.runners: list[asyncio.Task[None]] = []
         self.backend: Backend | None = None
+        self.last_batch_size = 0
 
 
 class Scheduler:
     """Runs generation jobs on backends, batching compatible jobs of one model."""
 
-    def __init__(self, load_backend: BackendLoader, batch_wait_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        load_backend: BackendLoader,
+        batch_wait_s: float = 0.005,
+        observe: BatchObserver | None = None,
+    ) -> None:
         self._load_backend = load_backend
+        self._observe: BatchObserver = observe or (lambda air, size, seconds: None)
         self._batch_wait_s = batch_wait_s
         self._lanes: dict[str, _Lane] = {}
         self._backend_lock = asyncio.Lock()
@@ -81,6 +94,24 @@ class Scheduler:
             key = lane.backend.batch_key(job) if lane.backend else job.job_id
             lane.waiting.append(_Waiting(job, sink, key))
         lane.arrived.set()
+
+    async def warm(self, air: str) -> float:
+        """Load the backend of `air` now and let it warm up (compile); returns seconds."""
+        lane = self._lanes.get(air)
+        if lane is None:
+            lane = self._lanes[air] = _Lane(air)
+            await self._start_lane(lane)
+        backend = await self._backend(lane)
+        started = time.monotonic()
+        warmup = getattr(backend, "warmup", None)
+        if warmup is not None:
+            await warmup()
+        return time.monotonic() - started
+
+    def backend_of(self, air: str) -> Backend | None:
+        """The loaded backend of a model, if any (for stats and tests)."""
+        lane = self._lanes.get(air)
+        return lane.backend if lane else None
 
     def queued(self) -> int:
         return sum(len(lane.waiting) for lane in self._lanes.values())
@@ -120,13 +151,15 @@ class Scheduler:
                 continue
             first.key = backend.batch_key(first.job)
             batch = [first]
-            await self._gather(lane, batch, backend.max_batch_size)
-            await self._run_batch(backend, batch)
+            await self._gather(lane, batch, backend.batch_limit(first.job))
+            lane.last_batch_size = len(batch)
+            await self._run_batch(lane.air, backend, batch)
 
     async def _gather(self, lane: _Lane, batch: list[_Waiting], limit: int) -> None:
         if limit <= 1:
             return
-        deadline = time.monotonic() + self._batch_wait_s
+        under_load = lane.last_batch_size > 1 or len(lane.runners) > 1
+        deadline = time.monotonic() + (self._batch_wait_s if under_load else 0.0)
         while len(batch) < limit:
             for waiting in list(lane.waiting):
                 if waiting.key == batch[0].key and len(batch) < limit:
@@ -139,7 +172,7 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lane.arrived.wait(), remaining)
 
-    async def _run_batch(self, backend: Backend, batch: list[_Waiting]) -> None:
+    async def _run_batch(self, air: str, backend: Backend, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
         sinks = {w.job.job_id: w.sink for w in batch}
 
@@ -159,7 +192,7 @@ class Scheduler:
             await sinks[job.job_id].on_checkpoint(job, data)
 
         jobs = [w.job for w in batch]
-        self.busy_since = time.monotonic()
+        started = self.busy_since = time.monotonic()
         try:
             outcomes = await backend.generate(jobs, progress, checkpoint)
             if len(outcomes) != len(jobs):
@@ -173,6 +206,7 @@ class Scheduler:
             outcomes = [InferenceError("The model failed to generate the image.")] * len(jobs)
         finally:
             self.busy_since = None
+        self._observe(air, len(jobs), time.monotonic() - started)
         for waiting, outcome in zip(batch, outcomes, strict=True):
             await self._deliver(waiting, outcome)
 

@@ -12,7 +12,12 @@
     ├── ConflictTaskUUID             the taskUUID was used before (400)
     ├── TaskNotFound                 getResponse for an unknown or expired task (404)
     ├── ProviderError                a provider (Runway, ...) failed or refused (502)
-    │   └── ProviderNotConfigured    no credentials for the provider (503)
+    │   ├── ProviderNotConfigured    no credentials for the provider (503)
+    │   ├── ProviderKeyRejected      the provider refused our credentials (502)
+    │   ├── ProviderRateLimited      the provider's quota or rate limit was hit (429)
+    │   ├── ProviderTimeout          the provider did not answer or finish in time (504)
+    │   └── ProviderContentRejected  the provider's moderation refused input or output (400)
+    ├── UploadFailed                 the PUT to uploadEndpoint failed; the image is kept (502)
     ├── InferenceError               a local backend failed on accepted work (500)
     ├── TaskInterrupted              the server stopped while the task ran (500)
     └── SyncTimeout                  sync wait limit hit; the task goes on (202)
@@ -136,6 +141,33 @@ class ProviderError(ImpastoError):
 class ProviderNotConfigured(ProviderError):
     code = "providerNotConfigured"
     http_status = 503
+
+
+class ProviderKeyRejected(ProviderError):
+    code = "invalidProviderApiKey"
+    http_status = 502
+
+
+class ProviderRateLimited(ProviderError):
+    code = "providerRateLimitExceeded"
+    http_status = 429
+
+
+class ProviderTimeout(ProviderError):
+    code = "timeoutProvider"
+    http_status = 504
+
+
+class ProviderContentRejected(ProviderError):
+    # Runware: "rejected by the provider's moderation; not charged". The client's content is
+    # the cause, so a 4xx like our own blocked-content error.
+    code = "invalidProviderContent"
+    http_status = 400
+
+
+class UploadFailed(ImpastoError):
+    code = "uploadFailed"
+    http_status = 502
 
 
 class InferenceError(ImpastoError):

@@ -73,6 +73,12 @@ KNOWN_UNSUPPORTED_PARAMETERS = frozenset(
     }
 )
 
+# Members of `inputs` in the Runware protocol that no impasto model takes yet (besides
+# `referenceImages`); like the parameters above they are unsupported, not unknown.
+KNOWN_UNSUPPORTED_INPUTS = frozenset(
+    {"image", "images", "seedImage", "mask", "fonts", "superResolutionReferences", "references"}
+)
+
 # Runway's 16 Gen-4 Image sizes, and the ones Runware prices as 720p.
 RUNWAY_SIZES: tuple[Size, ...] = (
     (1920, 1080),

@@ -4,6 +4,7 @@ errors into Runware error items (`invalid<Param>`, `missing<Param>`, `unsupporte
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -25,9 +26,19 @@ from impasto.protocol.errors import (
     UnknownParameter,
     UnsupportedParameter,
 )
-from impasto.protocol.rules import GENERATION_PARAMETERS, KNOWN_UNSUPPORTED_PARAMETERS, ModelRules
+from impasto.protocol.rules import (
+    GENERATION_PARAMETERS,
+    KNOWN_UNSUPPORTED_INPUTS,
+    KNOWN_UNSUPPORTED_PARAMETERS,
+    ModelRules,
+)
 
 MAX_SEED = 2**63 - 1
+# Runway's reference tag rule: 3-16 characters, a letter first, then letters, digits or `_`.
+# Its spec regex is lowercase-only while its own examples use `EiffelTower`; impasto accepts
+# either case and passes the tag on as given, so the prompt's `@Tag` still matches it.
+RUNWAY_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,15}")
+RUNWAY_MAX_PROMPT_UNITS = 1000
 OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
 OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
 SIZE_PARAMETERS = ("width", "height")
@@ -169,6 +180,20 @@ class GetResponseIn(WireModel):
     taskUUID: UUID4
 
 
+class ModelSearchIn(WireModel):
+    taskType: Literal["modelSearch"]
+    taskUUID: UUID4
+    search: str | None = Field(default=None, max_length=200)
+    tags: list[str] | None = None
+    category: str | None = None
+    type: str | None = None
+    architecture: str | None = None
+    conditioning: str | None = None
+    visibility: Literal["public", "private", "all"] | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    offset: int = Field(default=0, ge=0)
+
+
 class PingIn(WireModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
     taskType: Literal["ping"]
@@ -182,12 +207,15 @@ class AuthenticationIn(WireModel):
     connectionSessionUUID: str | None = None
 
 
-TaskIn = ImageInferenceIn | ImageUploadIn | GetResponseIn | PingIn | AuthenticationIn
+TaskIn = (
+    ImageInferenceIn | ImageUploadIn | GetResponseIn | ModelSearchIn | PingIn | AuthenticationIn
+)
 
 TASK_MODELS: dict[str, type[WireModel]] = {
     "imageInference": ImageInferenceIn,
     "imageUpload": ImageUploadIn,
     "getResponse": GetResponseIn,
+    "modelSearch": ModelSearchIn,
     "ping": PingIn,
     "authentication": AuthenticationIn,
 }
@@ -224,6 +252,7 @@ def parse_task(raw: Any) -> TaskIn:
             f"Task type {raw['taskType']!r} is not supported; supported: {supported}.",
             code="unsupportedTaskType",
             parameter="taskType",
+            task_type=task_type,
             task_uuid=task_uuid,
         )
     try:
@@ -262,7 +291,8 @@ def error_from_validation(error: ErrorDetails) -> ImpastoError:
                 code="unknownProviderSettingsProvider",
                 parameter=parameter,
             )
-        if name in KNOWN_UNSUPPORTED_PARAMETERS:
+        known_input = root == "inputs" and len(loc) == 2 and name in KNOWN_UNSUPPORTED_INPUTS
+        if name in KNOWN_UNSUPPORTED_PARAMETERS or known_input:
             return UnsupportedParameter(
                 f"Parameter {parameter} is not supported by impasto.", parameter=parameter
             )
@@ -300,6 +330,8 @@ def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
             parameter="numberResults",
         )
     _check_reference_images(task, rules)
+    if rules.provider == "runway":
+        _check_runway_inputs(task)
     if task.providerSettings is not None:
         for provider in task.providerSettings.providers():
             if provider != rules.provider:
@@ -364,3 +396,25 @@ def _check_reference_images(task: ImageInferenceIn, rules: ModelRules) -> None:
             code="missingReferenceImages",
             parameter="inputs.referenceImages",
         )
+
+
+def _check_runway_inputs(task: ImageInferenceIn) -> None:
+    """What Runway would refuse after the task was accepted: tags and the prompt length it
+    measures in UTF-16 code units (an emoji counts twice)."""
+    if len(task.positivePrompt.encode("utf-16-le")) // 2 > RUNWAY_MAX_PROMPT_UNITS:
+        raise InvalidParameter(
+            "Invalid value for positivePrompt parameter: Runway takes at most "
+            f"{RUNWAY_MAX_PROMPT_UNITS} UTF-16 code units (characters outside the basic "
+            "plane, such as emoji, count as two).",
+            code="invalidPositivePrompt",
+            parameter="positivePrompt",
+        )
+    base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+    for i, ref in enumerate(task.reference_images()):
+        if ref.tag is not None and not RUNWAY_TAG.fullmatch(ref.tag):
+            raise InvalidParameter(
+                f"Invalid value for {base}[{i}].tag parameter: a tag is 3-16 characters, starts "
+                "with a letter and has only letters, digits and underscores.",
+                code="invalidReferenceImages",
+                parameter=f"{base}[{i}].tag",
+            )

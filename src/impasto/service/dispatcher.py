@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +22,20 @@ from impasto.protocol.errors import (
 )
 from impasto.protocol.results import ack_item
 from impasto.protocol.tasks import (
+    TASK_MODELS,
     AuthenticationIn,
     GetResponseIn,
     ImageInferenceIn,
     ImageUploadIn,
+    ModelSearchIn,
     PingIn,
     TaskIn,
     parse_task,
     task_context,
 )
 from impasto.service.inference import InferenceService
+from impasto.service.metrics import Metrics
+from impasto.service.models import ModelSearchService
 from impasto.service.responses import ResponseService
 from impasto.service.uploads import UploadService
 from impasto.state.base import EventBus
@@ -106,13 +110,17 @@ class TaskDispatcher:
         inference: InferenceService,
         uploads: UploadService,
         responses: ResponseService,
+        models: ModelSearchService,
         sync_timeout_s: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.auth = auth
         self._bus = bus
         self._inference = inference
         self._uploads = uploads
         self._responses = responses
+        self._models = models
+        self._metrics = metrics
         self._sync_timeout_s = sync_timeout_s
 
     async def handle_request(self, raw_tasks: list[Any], bearer: str | None) -> Envelope:
@@ -124,7 +132,15 @@ class TaskDispatcher:
             try:
                 key = parse_task(first).apiKey  # type: ignore[union-attr]
             except ImpastoError as exc:
-                return Envelope(errors=[exc])
+                # A malformed authentication task is an authentication failure (401).
+                code = "missingApiKey" if exc.code.startswith("missing") else "invalidApiKey"
+                return Envelope(
+                    errors=[
+                        AuthError(
+                            exc.message, code=code, parameter="apiKey", task_type="authentication"
+                        )
+                    ]
+                )
         try:
             self.auth.check(key)
         except AuthError as exc:
@@ -136,27 +152,53 @@ class TaskDispatcher:
         return envelope
 
     async def handle_task(self, raw: Any) -> Envelope:
-        """One task, already authenticated."""
+        """One task, already authenticated: everything it produced, in one envelope."""
+        envelope = Envelope()
+        async for part in self.stream_task(raw):
+            envelope.extend(part)
+        return envelope
+
+    async def stream_task(self, raw: Any) -> AsyncIterator[Envelope]:
+        """One task, already authenticated, as it happens: a sync imageInference yields each
+        image (or distinct error) as soon as it is stored; other tasks yield once."""
         task_type, task_uuid = task_context(raw)
         try:
             task = parse_task(raw)
-            return await self._run(task)
+            if isinstance(task, ImageInferenceIn) and task.deliveryMethod == "sync":
+                outcome = "ok"
+                async for part in self._stream_inference(task):
+                    if part.errors and outcome == "ok":
+                        outcome = part.errors[0].code
+                    yield part
+                self._count(task_type, outcome)
+                return
+            envelope = await self._run(task)
         except ImpastoError as exc:
-            return Envelope(errors=[exc.for_task(task_type, task_uuid)])
+            envelope = Envelope(errors=[exc.for_task(task_type, task_uuid)])
         except Exception:
             log.exception("task %s (%s) failed unexpectedly", task_uuid, task_type)
             error = ImpastoError("Internal error while handling the task.").for_task(
                 task_type, task_uuid
             )
-            return Envelope(errors=[error])
+            envelope = Envelope(errors=[error])
+        self._count(task_type, envelope.errors[0].code if envelope.errors else "ok")
+        yield envelope
+
+    def _count(self, task_type: str | None, outcome: str) -> None:
+        if self._metrics is not None:
+            known = task_type if task_type in TASK_MODELS else "unknown"
+            self._metrics.tasks.labels(known, outcome).inc()
 
     async def _run(self, task: TaskIn) -> Envelope:
         if isinstance(task, ImageInferenceIn):
-            return await self._image_inference(task)
+            await self._inference.submit(task)
+            return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
         if isinstance(task, ImageUploadIn):
             return Envelope(data=[await self._uploads.upload(task)])
         if isinstance(task, GetResponseIn):
             return Envelope(data=await self._responses.items(task))
+        if isinstance(task, ModelSearchIn):
+            return Envelope(data=[self._models.search(task)])
         if isinstance(task, PingIn):
             return Envelope(data=[{"taskType": "ping", "pong": True}])
         if isinstance(task, AuthenticationIn):
@@ -167,11 +209,7 @@ class TaskDispatcher:
             )
         raise AssertionError(f"unhandled task {type(task).__name__}")
 
-    async def _image_inference(self, task: ImageInferenceIn) -> Envelope:
-        if task.deliveryMethod == "async":
-            await self._inference.submit(task)
-            return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
-        envelope = Envelope()
+    async def _stream_inference(self, task: ImageInferenceIn) -> AsyncIterator[Envelope]:
         async with self._bus.subscribe(task.taskUUID) as subscription:
             await self._inference.submit(task)
             seen: set[tuple[str, str]] = set()
@@ -180,13 +218,16 @@ class TaskDispatcher:
                     task.taskUUID, subscription, self._sync_timeout_s
                 ):
                     if result.status == "success":
-                        envelope.data.append(result.item)
+                        yield Envelope(data=[result.item])
                         continue
                     error = ImpastoError.from_item(result.item)
                     # One error item per distinct failure, not one per failed image.
                     if (error.code, error.message) not in seen:
                         seen.add((error.code, error.message))
-                        envelope.errors.append(error)
+                        yield Envelope(errors=[error])
             except SyncTimeout as exc:
-                envelope.errors.append(exc.for_task(task.taskType, task.taskUUID))
-        return envelope
+                yield Envelope(errors=[exc.for_task(task.taskType, task.taskUUID)])
+                return
+            failures = await self._inference.upload_failures(task.taskUUID)
+            if failures:
+                yield Envelope(errors=failures)

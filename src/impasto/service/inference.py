@@ -5,11 +5,12 @@ saved, recorded) before it is announced."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -17,6 +18,8 @@ from impasto.backends.base import GeneratedImage, GenerationJob, Outcome, Refere
 from impasto.backends.registry import ModelRegistry, ResolvedModel
 from impasto.backends.schedulers import known_schedulers
 from impasto.delivery.codecs import encode_image
+from impasto.delivery.outbound import OutboundFailed, OutboundGuard, OutboundRefused
+from impasto.delivery.outbox import new_delivery
 from impasto.engine.scheduler import Scheduler
 from impasto.protocol.errors import (
     ConflictTaskUUID,
@@ -25,13 +28,14 @@ from impasto.protocol.errors import (
     InferenceError,
     InvalidParameter,
     SyncTimeout,
+    UploadFailed,
 )
 from impasto.protocol.results import image_item
 from impasto.protocol.tasks import MAX_SEED, ImageInferenceIn, check_against_rules
 from impasto.service.images import ImageResolver
 from impasto.service.safety import ContentSafety, wants_output_check
 from impasto.state.base import EventBus, StateStore, Subscription
-from impasto.state.records import ImageRecord, ResultRecord, TaskRecord
+from impasto.state.records import DeliveryRecord, ImageRecord, ResultRecord, TaskRecord
 from impasto.storage.base import ImageStore
 
 log = logging.getLogger("impasto.inference")
@@ -44,6 +48,39 @@ def seeds_for(seed: int | None, count: int) -> list[int]:
     if seed is None:
         return [secrets.randbits(63) for _ in range(count)]
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def upload_errors(results: list[ResultRecord], uploads: list[DeliveryRecord]) -> list[ImpastoError]:
+    """One uploadFailed error per image whose PUT to uploadEndpoint gave up."""
+    items = {r.index: r.item for r in results}
+    errors: list[ImpastoError] = []
+    for upload in uploads:
+        if upload.status != "failed":
+            continue
+        item = items.get(upload.index if upload.index is not None else -1, {})
+        reason = (upload.last_error or {}).get("message", "unknown error")
+        where = f" It is kept at {item['imageURL']}." if "imageURL" in item else ""
+        errors.append(
+            UploadFailed(
+                f"Uploading image {item.get('imageUUID', '')} to uploadEndpoint failed after "
+                f"{upload.attempts} attempt(s): {reason}.{where}",
+                parameter="uploadEndpoint",
+                task_type=TASK_TYPE,
+                task_uuid=upload.task_uuid,
+            )
+        )
+    return errors
+
+
+def distinct_errors(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[tuple[Any, Any]] = set()
+    distinct = []
+    for item in items:
+        key = (item.get("code"), item.get("message"))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(item)
+    return distinct
 
 
 class InferenceService:
@@ -62,6 +99,7 @@ class InferenceService:
         image_base_url: str,
         output_retention_s: int,
         safety: ContentSafety,
+        guard: OutboundGuard,
     ) -> None:
         self._registry = registry
         self._state = state
@@ -73,6 +111,8 @@ class InferenceService:
         self._image_base_url = image_base_url
         self._output_retention_s = output_retention_s
         self._safety = safety
+        self._guard = guard
+        self._wake_outbox: Callable[[], None] = lambda: None
         self._schedulers = frozenset(known_schedulers())
 
     def image_url(self, key: str) -> str:
@@ -103,6 +143,7 @@ class InferenceService:
                 "or send a new taskUUID.",
                 parameter="taskUUID",
             )
+        await self._vet_destinations(task)
         references = await self._references(task)
         await self._safety.screen_input(task, references)
         seeds = seeds_for(task.seed, task.numberResults)
@@ -117,6 +158,51 @@ class InferenceService:
         )
         await self._state.create_task(record)
         await self._schedule(task, resolved, references, seeds, range(task.numberResults))
+
+    async def _vet_destinations(self, task: ImageInferenceIn) -> None:
+        """webhookURL and uploadEndpoint go through the outbound guard at submit time too."""
+        for parameter, url in (
+            ("webhookURL", task.webhookURL),
+            ("uploadEndpoint", task.uploadEndpoint),
+        ):
+            if url is None:
+                continue
+            try:
+                await self._guard.vet(url)
+            except (OutboundRefused, OutboundFailed) as exc:
+                raise InvalidParameter(
+                    f"Invalid value for {parameter} parameter: {exc}.",
+                    code=f"invalid{parameter[0].upper()}{parameter[1:]}",
+                    parameter=parameter,
+                ) from None
+
+    async def resume(self, record: TaskRecord) -> None:
+        """After a restart: re-run the generations of an accepted task that were not stored."""
+        done = {r.index for r in await self._state.results(record.task_uuid)}
+        missing = [i for i in range(record.expected) if i not in done]
+        try:
+            task = ImageInferenceIn.model_validate(record.request)
+            resolved = self.validate(task)
+            references = await self._references(task) if missing else ()
+        except ImpastoError as exc:
+            for index in missing:
+                error = exc.for_task(TASK_TYPE, record.task_uuid).to_item()
+                await self._state.add_result(
+                    ResultRecord(record.task_uuid, index, "error", error, time.time())
+                )
+            await self.maybe_finish(record.task_uuid)
+            return
+        if not missing:
+            await self.maybe_finish(record.task_uuid)
+            return
+        seeds = list(record.extra.get("seeds") or seeds_for(task.seed, task.numberResults))
+        resume = {
+            i: record.extra[f"job{i}"]
+            for i in missing
+            if isinstance(record.extra.get(f"job{i}"), dict)
+        }
+        log.info("resuming task %s: %d generation(s) to run", record.task_uuid, len(missing))
+        await self._schedule(task, resolved, references, seeds, missing, resume)
 
     async def _references(self, task: ImageInferenceIn) -> tuple[ReferenceImage, ...]:
         given = task.reference_images()
@@ -177,25 +263,63 @@ class InferenceService:
     async def store_outcome(
         self, task: ImageInferenceIn, resolved: ResolvedModel, job: GenerationJob, outcome: Outcome
     ) -> None:
-        """Persist one outcome as a result item, finish the task when all are in, announce."""
+        """Persist one outcome as a result item (with its deliveries), finish the task when
+        everything is in, announce."""
         now = time.time()
         if isinstance(outcome, GeneratedImage):
-            record = await self._store_image(task, resolved, job, outcome, now)
+            await self._store_image(task, resolved, job, outcome, now)
         else:
             error = outcome.for_task(TASK_TYPE, task.taskUUID).to_item()
             error["taskType"], error["taskUUID"] = TASK_TYPE, task.taskUUID
-            record = ResultRecord(task.taskUUID, job.index, "error", error, now)
-            await self._state.add_result(record)
-        results = await self._state.results(task.taskUUID)
-        if len(results) >= task.numberResults:
-            failed = [r for r in results if r.status == "error"]
-            await self._state.finish_task(
-                task.taskUUID,
-                "error" if failed else "success",
-                failed[0].item if failed else None,
-                time.time(),
+            await self._state.add_result(
+                ResultRecord(task.taskUUID, job.index, "error", error, now)
             )
-        await self._bus.publish(task.taskUUID)
+        await self.maybe_finish(task.taskUUID)
+
+    async def maybe_finish(self, task_uuid: str) -> None:
+        """Finish the task once every generation is stored and every upload has settled; a
+        task with failures then sends one webhook with its distinct errors. Announces."""
+        record = await self._state.get_task(task_uuid)
+        if record is None or record.status != "processing":
+            await self._bus.publish(task_uuid)
+            return
+        results = await self._state.results(task_uuid)
+        uploads = [d for d in await self._state.deliveries(task_uuid) if d.kind == "upload"]
+        if len(results) < record.expected or any(d.status == "pending" for d in uploads):
+            await self._bus.publish(task_uuid)
+            return
+        failures = [r.item for r in results if r.status == "error"]
+        failures += [e.to_item() for e in upload_errors(results, uploads)]
+        deliveries = []
+        webhook = record.request.get("webhookURL")
+        if failures and webhook:
+            payload = json.dumps({"errors": distinct_errors(failures)})
+            deliveries.append(new_delivery("webhook", task_uuid, webhook, payload))
+        await self._state.finish_task(
+            task_uuid,
+            "error" if failures else "success",
+            failures[0] if failures else None,
+            time.time(),
+            deliveries,
+        )
+        if deliveries:
+            self._wake_outbox()
+        await self._bus.publish(task_uuid)
+
+    async def upload_failures(self, task_uuid: str) -> list[ImpastoError]:
+        """uploadFailed errors of a task's images (each image is still in our store)."""
+        uploads = [d for d in await self._state.deliveries(task_uuid) if d.kind == "upload"]
+        if not any(d.status == "failed" for d in uploads):
+            return []
+        return upload_errors(await self._state.results(task_uuid), uploads)
+
+    async def on_delivery_settled(self, delivery: DeliveryRecord, ok: bool) -> None:
+        """The outbox finished a delivery: an upload may complete its task."""
+        if delivery.kind == "upload":
+            await self.maybe_finish(delivery.task_uuid)
+
+    def attach_outbox(self, wake: Callable[[], None]) -> None:
+        self._wake_outbox = wake
 
     async def _store_image(
         self,
@@ -254,7 +378,34 @@ class InferenceService:
             nsfw=nsfw,
         )
         record = ResultRecord(task.taskUUID, job.index, "success", item, now)
-        if not await self._state.add_result(record):
+        deliveries = []
+        webhook = (
+            {"url": task.webhookURL, "payload": json.dumps({"data": [item]})}
+            if task.webhookURL
+            else None
+        )
+        if task.uploadEndpoint:
+            deliveries.append(
+                new_delivery(
+                    "upload",
+                    task.taskUUID,
+                    task.uploadEndpoint,
+                    key,
+                    index=job.index,
+                    content_type=encoded.content_type,
+                    then=webhook,
+                )
+            )
+        elif webhook is not None:
+            deliveries.append(
+                new_delivery(
+                    "webhook", task.taskUUID, webhook["url"], webhook["payload"], index=job.index
+                )
+            )
+        if await self._state.add_result(record, deliveries):
+            if deliveries:
+                self._wake_outbox()
+        else:
             # This generation was already stored (a re-run raced it): keep the first.
             await self._images.delete(key)
             await self._state.delete_image(image_uuid)

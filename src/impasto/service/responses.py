@@ -7,6 +7,7 @@ from typing import Any
 from impasto.protocol.errors import TaskNotFound
 from impasto.protocol.results import error_status_item, processing_item
 from impasto.protocol.tasks import GetResponseIn
+from impasto.service.inference import upload_errors
 from impasto.state.base import StateStore
 
 
@@ -39,4 +40,7 @@ class ResponseService:
                 items.append({**result.item, "status": "success"})
             else:
                 items.append(error_status_item(task.task_type, task.task_uuid, result.item))
+        uploads = [d for d in await self._state.deliveries(task.task_uuid) if d.kind == "upload"]
+        for error in upload_errors(list(results.values()), uploads):
+            items.append(error_status_item(task.task_type, task.task_uuid, error.to_item()))
         return items

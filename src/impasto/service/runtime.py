@@ -13,27 +13,44 @@ from dataclasses import dataclass
 
 from impasto.backends.base import Backend
 from impasto.backends.devices import DevicePool
-from impasto.backends.factory import BackendContext, create_backend
+from impasto.backends.factory import (
+    BackendContext,
+    RunwayOptions,
+    create_backend,
+    models_without_keys,
+)
 from impasto.backends.registry import ModelRegistry
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
+from impasto.delivery.outbox import Outbox, RetryPolicy, SettledCallback
 from impasto.engine.scheduler import Scheduler
 from impasto.protocol.errors import TaskInterrupted
 from impasto.service.dispatcher import Authenticator, TaskDispatcher
 from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
+from impasto.service.metrics import Metrics
+from impasto.service.models import ModelSearchService
 from impasto.service.responses import ResponseService
-from impasto.service.safety import UnavailableSafety
+from impasto.service.safety import load_content_safety
+from impasto.service.sessions import SessionRegistry
 from impasto.service.uploads import UploadService
 from impasto.settings import Settings
 from impasto.state.base import EventBus, StateStore
 from impasto.state.events import LocalEventBus
-from impasto.state.records import ResultRecord
+from impasto.state.records import DeliveryRecord, ResultRecord
 from impasto.state.sqlite import SqliteStateStore
 from impasto.storage.base import ImageStore
 from impasto.storage.local import LocalImageStore
 from impasto.storage.sweeper import Sweeper
 
 log = logging.getLogger("impasto.runtime")
+
+
+def _counted(settled: SettledCallback, metrics: Metrics) -> SettledCallback:
+    async def callback(delivery: DeliveryRecord, ok: bool) -> None:
+        metrics.deliveries.labels(delivery.kind, "done" if ok else "failed").inc()
+        await settled(delivery, ok)
+
+    return callback
 
 
 @dataclass
@@ -50,6 +67,8 @@ class Runtime:
     dispatcher: TaskDispatcher
     inference: InferenceService
     sweeper: Sweeper
+    sessions: SessionRegistry
+    metrics: Metrics
     started_at: float
 
     @classmethod
@@ -61,20 +80,42 @@ class Runtime:
         await state.open()
         bus = LocalEventBus()
         images = LocalImageStore(settings.images_dir)
-        outbound = OutboundClient.create(OutboundGuard(settings.allow_private_networks))
-        devices = DevicePool(settings.devices)
+        guard = OutboundGuard(settings.allow_private_networks)
+        outbound = OutboundClient.create(guard)
+        devices = DevicePool(settings.devices, settings.vram_budget_gb)
+        runway_key = settings.runway_api_secret
         context = BackendContext(
             models_dir=settings.models_dir,
             devices=devices,
             max_batch_size=settings.max_batch_size,
             outbound=outbound,
+            provider_keys={"runway": runway_key.get_secret_value()} if runway_key else {},
+            provider_urls={"runway": settings.runway_base_url},
+            runway=RunwayOptions(
+                poll_interval_s=settings.runway_poll_interval_s,
+                concurrency=settings.runway_concurrency,
+                request_timeout_s=settings.runway_request_timeout_s,
+                task_timeout_s=settings.runway_task_timeout_s,
+            ),
         )
+        unconfigured = models_without_keys(registry, context)
+        if unconfigured:
+            log.warning(
+                "%s served by Runway, but no Runway API key is set (RUNWAYML_API_SECRET); "
+                "tasks for them fail with providerNotConfigured",
+                ", ".join(unconfigured),
+            )
 
         async def load_backend(air: str) -> Backend:
             entry = registry.resolve(air).target
             return await asyncio.to_thread(create_backend, entry, context)
 
-        scheduler = Scheduler(load_backend, batch_wait_s=settings.batch_wait_ms / 1000)
+        metrics = Metrics()
+        scheduler = Scheduler(
+            load_backend,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            observe=metrics.observe_batch,
+        )
         encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="impasto-enc")
         resolver = ImageResolver(
             state,
@@ -94,8 +135,26 @@ class Runtime:
             encode_pool=encode_pool,
             image_base_url=settings.image_base_url,
             output_retention_s=settings.output_retention_s,
-            safety=UnavailableSafety(),
+            safety=await load_content_safety(settings),
+            guard=guard,
         )
+        outbox = Outbox(
+            state,
+            images,
+            outbound,
+            policy=RetryPolicy(
+                max_attempts=settings.delivery_max_attempts,
+                base_delay_s=settings.delivery_base_delay_s,
+                max_delay_s=settings.delivery_max_delay_s,
+                budget_s=settings.delivery_budget_s,
+                connect_timeout_s=settings.delivery_connect_timeout_s,
+                webhook_read_timeout_s=settings.webhook_read_timeout_s,
+                upload_read_timeout_s=settings.upload_read_timeout_s,
+            ),
+            secret=settings.webhook_secret,
+            on_settled=_counted(inference.on_delivery_settled, metrics),
+        )
+        inference.attach_outbox(outbox.wake)
         uploads = UploadService(
             state=state,
             images=images,
@@ -110,7 +169,9 @@ class Runtime:
             inference=inference,
             uploads=uploads,
             responses=ResponseService(state),
+            models=ModelSearchService(registry),
             sync_timeout_s=settings.sync_timeout_s,
+            metrics=metrics,
         )
         sweeper = Sweeper(
             state,
@@ -129,15 +190,28 @@ class Runtime:
             dispatcher=dispatcher,
             inference=inference,
             sweeper=sweeper,
+            sessions=SessionRegistry(ttl_s=settings.ws_session_ttl_s),
+            metrics=metrics,
             started_at=time.time(),
         )
+        for air in settings.preload:
+            seconds = await scheduler.warm(registry.resolve(air).target.air)
+            log.info("preloaded %s in %.1f s", air, seconds)
+        metrics.track(scheduler.queued, lambda: len(runtime.sessions))
         await runtime._recover()
-        sweep_task = asyncio.create_task(sweeper.run(), name="sweeper")
+        background = [
+            asyncio.create_task(sweeper.run(), name="sweeper"),
+            asyncio.create_task(outbox.run(), name="outbox"),
+            asyncio.create_task(runtime.sessions.run(), name="sessions"),
+        ]
         try:
             yield runtime
         finally:
-            sweep_task.cancel()
-            await asyncio.gather(sweep_task, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            runtime.sessions.close()
+            await outbox.close()
             await scheduler.close()
             encode_pool.shutdown(wait=True)
             devices.shutdown()
@@ -145,9 +219,12 @@ class Runtime:
             await state.close()
 
     async def _recover(self) -> None:
-        """Tasks left processing by a previous process end with a clear error."""
+        """Tasks a previous process left running: inference re-runs what was not stored;
+        anything else ends with a clear error. Pending deliveries resume in the outbox."""
         for task in await self.state.unfinished_tasks():
-            done = {r.index for r in await self.state.results(task.task_uuid)}
+            if task.task_type == "imageInference":
+                await self.inference.resume(task)
+                continue
             error = TaskInterrupted(
                 "The server stopped while this task was running; submit it again with a new "
                 "taskUUID.",
@@ -155,6 +232,7 @@ class Runtime:
                 task_uuid=task.task_uuid,
             ).to_item()
             now = time.time()
+            done = {r.index for r in await self.state.results(task.task_uuid)}
             for index in range(task.expected):
                 if index not in done:
                     await self.state.add_result(

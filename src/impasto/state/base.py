@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from impasto.state.records import ImageRecord, ResultRecord, TaskRecord, TaskStatus
+from impasto.state.records import (
+    DeliveryRecord,
+    DeliveryStatus,
+    ImageRecord,
+    ResultRecord,
+    TaskRecord,
+    TaskStatus,
+)
 
 
 class StateStore(Protocol):
@@ -18,15 +26,24 @@ class StateStore(Protocol):
         """The task, or None if unknown or swept."""
 
     async def finish_task(
-        self, task_uuid: str, status: TaskStatus, error: dict[str, Any] | None, at: float
-    ) -> None:
-        """Mark a task finished (success or error)."""
+        self,
+        task_uuid: str,
+        status: TaskStatus,
+        error: dict[str, Any] | None,
+        at: float,
+        deliveries: Sequence[DeliveryRecord] = (),
+    ) -> bool:
+        """Mark a still-processing task finished and queue `deliveries` with it, atomically;
+        False (and nothing changed) if it was already finished."""
 
     async def update_task_extra(self, task_uuid: str, extra: dict[str, Any]) -> None:
         """Merge backend bookkeeping into the task's `extra`."""
 
-    async def add_result(self, result: ResultRecord) -> bool:
-        """Store one result; False (and nothing changed) if that index is already stored."""
+    async def add_result(
+        self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
+    ) -> bool:
+        """Store one result and queue its deliveries, atomically; False (and nothing changed)
+        if that index is already stored."""
 
     async def results(self, task_uuid: str) -> list[ResultRecord]:
         """All stored results of a task, by index."""
@@ -39,6 +56,31 @@ class StateStore(Protocol):
 
     async def unfinished_tasks(self) -> list[TaskRecord]:
         """Tasks still processing (after a restart: the ones that were interrupted)."""
+
+    async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
+        """Every delivery of a task, oldest first."""
+
+    async def due_deliveries(self, now: float, limit: int) -> list[DeliveryRecord]:
+        """Pending deliveries whose next attempt is due."""
+
+    async def next_delivery_at(self) -> float | None:
+        """When the earliest pending delivery is due, or None if none is pending."""
+
+    async def reschedule_delivery(
+        self, delivery_id: str, attempts: int, next_attempt_at: float, error: dict[str, Any]
+    ) -> None:
+        """Record a failed attempt and when to try again."""
+
+    async def settle_delivery(
+        self,
+        delivery_id: str,
+        status: DeliveryStatus,
+        attempts: int,
+        error: dict[str, Any] | None,
+        follow_ups: Sequence[DeliveryRecord] = (),
+    ) -> bool:
+        """Mark a pending delivery done or failed and queue its follow-ups, atomically;
+        False if it had already settled."""
 
     async def put_image(self, image: ImageRecord) -> None:
         """Record a stored image."""

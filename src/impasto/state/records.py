@@ -9,6 +9,8 @@ from typing import Any, Literal
 TaskStatus = Literal["processing", "success", "error"]
 ResultStatus = Literal["success", "error"]
 ImageKind = Literal["output", "upload"]
+DeliveryKind = Literal["webhook", "upload"]
+DeliveryStatus = Literal["pending", "done", "failed"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,26 @@ class ImageRecord:
     created_at: float
     expires_at: float
     task_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One outbound delivery (a webhook POST or an upload PUT), persisted until it settles.
+
+    For uploads `payload` is the image's storage key; for webhooks it is the JSON body.
+    `then` is a webhook to queue once this delivery settles: {"url": ..., "payload": ...}.
+    """
+
+    delivery_id: str
+    task_uuid: str
+    kind: DeliveryKind
+    url: str
+    payload: str
+    content_type: str
+    created_at: float
+    next_attempt_at: float
+    index: int | None = None
+    attempts: int = 0
+    status: DeliveryStatus = "pending"
+    last_error: dict[str, Any] | None = None
+    then: dict[str, Any] | None = None

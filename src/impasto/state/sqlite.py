@@ -9,13 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from impasto.protocol.errors import ConflictTaskUUID
-from impasto.state.records import ImageRecord, ResultRecord, TaskRecord, TaskStatus
+from impasto.state.records import (
+    DeliveryRecord,
+    DeliveryStatus,
+    ImageRecord,
+    ResultRecord,
+    TaskRecord,
+    TaskStatus,
+)
 
 T = TypeVar("T")
 
@@ -54,6 +61,23 @@ CREATE TABLE IF NOT EXISTS images (
     expires_at   REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_expiry ON images(expires_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id     TEXT PRIMARY KEY,
+    task_uuid       TEXT NOT NULL,
+    idx             INTEGER,
+    kind            TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    content_type    TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    last_error      TEXT,
+    then_json       TEXT,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_task ON deliveries(task_uuid);
 """
 
 
@@ -84,6 +108,48 @@ def _image(row: sqlite3.Row) -> ImageRecord:
         created_at=row["created_at"],
         expires_at=row["expires_at"],
     )
+
+
+def _delivery(row: sqlite3.Row) -> DeliveryRecord:
+    return DeliveryRecord(
+        delivery_id=row["delivery_id"],
+        task_uuid=row["task_uuid"],
+        index=row["idx"],
+        kind=row["kind"],
+        url=row["url"],
+        payload=row["payload"],
+        content_type=row["content_type"],
+        attempts=row["attempts"],
+        status=row["status"],
+        last_error=json.loads(row["last_error"]) if row["last_error"] else None,
+        then=json.loads(row["then_json"]) if row["then_json"] else None,
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+    )
+
+
+def _insert_deliveries(conn: sqlite3.Connection, deliveries: Sequence[DeliveryRecord]) -> None:
+    for d in deliveries:
+        conn.execute(
+            "INSERT INTO deliveries (delivery_id, task_uuid, idx, kind, url, payload,"
+            " content_type, attempts, status, last_error, then_json, created_at,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                d.delivery_id,
+                d.task_uuid,
+                d.index,
+                d.kind,
+                d.url,
+                d.payload,
+                d.content_type,
+                d.attempts,
+                d.status,
+                json.dumps(d.last_error) if d.last_error else None,
+                json.dumps(d.then) if d.then else None,
+                d.created_at,
+                d.next_attempt_at,
+            ),
+        )
 
 
 class SqliteStateStore:
@@ -156,15 +222,28 @@ class SqliteStateStore:
         return await self._run(select)
 
     async def finish_task(
-        self, task_uuid: str, status: TaskStatus, error: dict[str, Any] | None, at: float
-    ) -> None:
+        self,
+        task_uuid: str,
+        status: TaskStatus,
+        error: dict[str, Any] | None,
+        at: float,
+        deliveries: Sequence[DeliveryRecord] = (),
+    ) -> bool:
+        def update() -> bool:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cursor = self._db.execute(
+                    "UPDATE tasks SET status = ?, error = ?, finished_at = ?"
+                    " WHERE task_uuid = ? AND status = 'processing'",
+                    (status, json.dumps(error) if error else None, at, task_uuid),
+                )
+                if cursor.rowcount != 1:
+                    return False
+                _insert_deliveries(self._db, deliveries)
+                return True
+
         self._progress.pop(task_uuid, None)
-        await self._run(
-            lambda: self._db.execute(
-                "UPDATE tasks SET status = ?, error = ?, finished_at = ? WHERE task_uuid = ?",
-                (status, json.dumps(error) if error else None, at, task_uuid),
-            )
-        )
+        return await self._run(update)
 
     async def update_task_extra(self, task_uuid: str, extra: dict[str, Any]) -> None:
         def update() -> None:
@@ -183,20 +262,27 @@ class SqliteStateStore:
 
         await self._run(update)
 
-    async def add_result(self, result: ResultRecord) -> bool:
+    async def add_result(
+        self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
+    ) -> bool:
         def insert() -> bool:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO results (task_uuid, idx, status, item, created_at)"
-                " VALUES (?,?,?,?,?)",
-                (
-                    result.task_uuid,
-                    result.index,
-                    result.status,
-                    json.dumps(result.item),
-                    result.created_at,
-                ),
-            )
-            return cursor.rowcount == 1
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO results (task_uuid, idx, status, item, created_at)"
+                    " VALUES (?,?,?,?,?)",
+                    (
+                        result.task_uuid,
+                        result.index,
+                        result.status,
+                        json.dumps(result.item),
+                        result.created_at,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    return False
+                _insert_deliveries(self._db, deliveries)
+                return True
 
         stored = await self._run(insert)
         if stored:
@@ -235,6 +321,70 @@ class SqliteStateStore:
             return [_task(row) for row in rows]
 
         return await self._run(select)
+
+    async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
+        def select() -> list[DeliveryRecord]:
+            rows = self._db.execute(
+                "SELECT * FROM deliveries WHERE task_uuid = ? ORDER BY created_at, idx",
+                (task_uuid,),
+            ).fetchall()
+            return [_delivery(row) for row in rows]
+
+        return await self._run(select)
+
+    async def due_deliveries(self, now: float, limit: int) -> list[DeliveryRecord]:
+        def select() -> list[DeliveryRecord]:
+            rows = self._db.execute(
+                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            return [_delivery(row) for row in rows]
+
+        return await self._run(select)
+
+    async def next_delivery_at(self) -> float | None:
+        def select() -> float | None:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) AS due FROM deliveries WHERE status = 'pending'"
+            ).fetchone()
+            return float(row["due"]) if row and row["due"] is not None else None
+
+        return await self._run(select)
+
+    async def reschedule_delivery(
+        self, delivery_id: str, attempts: int, next_attempt_at: float, error: dict[str, Any]
+    ) -> None:
+        await self._run(
+            lambda: self._db.execute(
+                "UPDATE deliveries SET attempts = ?, next_attempt_at = ?, last_error = ?"
+                " WHERE delivery_id = ? AND status = 'pending'",
+                (attempts, next_attempt_at, json.dumps(error), delivery_id),
+            )
+        )
+
+    async def settle_delivery(
+        self,
+        delivery_id: str,
+        status: DeliveryStatus,
+        attempts: int,
+        error: dict[str, Any] | None,
+        follow_ups: Sequence[DeliveryRecord] = (),
+    ) -> bool:
+        def update() -> bool:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                cursor = self._db.execute(
+                    "UPDATE deliveries SET status = ?, attempts = ?, last_error = ?"
+                    " WHERE delivery_id = ? AND status = 'pending'",
+                    (status, attempts, json.dumps(error) if error else None, delivery_id),
+                )
+                if cursor.rowcount != 1:
+                    return False
+                _insert_deliveries(self._db, follow_ups)
+                return True
+
+        return await self._run(update)
 
     async def put_image(self, image: ImageRecord) -> None:
         await self._run(
@@ -283,11 +433,13 @@ class SqliteStateStore:
         def delete() -> int:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
-                    "DELETE FROM results WHERE task_uuid IN (SELECT task_uuid FROM tasks"
-                    " WHERE finished_at IS NOT NULL AND finished_at < ?)",
-                    (finished_before,),
-                )
+                for table in ("results", "deliveries"):
+                    self._db.execute(
+                        f"DELETE FROM {table} WHERE task_uuid IN (SELECT task_uuid FROM tasks"
+                        " WHERE finished_at IS NOT NULL AND finished_at < ?)"
+                        + (" AND status != 'pending'" if table == "deliveries" else ""),
+                        (finished_before,),
+                    )
                 cursor = self._db.execute(
                     "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?",
                     (finished_before,),
