@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # Engine
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
+    offline: bool = Field(
+        default=False, description="never download model weights (local paths and cache only)"
+    )
     vram_budget_gb: float | None = Field(
         default=None, description="model weights kept per device; default 90% of a GPU"
     )

@@ -115,10 +115,9 @@ def test_a_custom_backend_named_by_import_path_serves_the_runware_api(
 
 
 def test_a_hub_model_without_local_weights_fails_with_a_clear_error(
-    server_factory: Any, monkeypatch: Any
+    server_factory: Any,
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    server: RunningServer = server_factory()
+    server: RunningServer = server_factory(offline=True)
 
     reply = server.post([task(model="runware:100@1", width=256, height=256)])
 

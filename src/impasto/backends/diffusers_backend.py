@@ -102,11 +102,14 @@ class DiffusersBackend:
         source: str | Path,
         workers: Sequence[DeviceWorker],
         max_batch_size: int,
+        *,
+        offline: bool = False,
     ) -> None:
         self.entry = entry
         self.source = source
         self._workers = list(workers)
         self._settings: Mapping[str, Any] = entry.settings
+        self._offline = offline
         self.max_batch_size = max(1, int(self._settings.get("max_batch_size", max_batch_size)))
         # Pixels of one call (width x height x batch): bounds the batch at large sizes.
         self._max_batch_pixels = int(self._settings.get("max_batch_pixels", 4 * 1024 * 1024))
@@ -312,6 +315,8 @@ class DiffusersBackend:
 
         device = worker.device
         options: dict[str, Any] = {"dtype": _dtype(self._settings.get("dtype"), device)}
+        if self._offline:
+            options["local_files_only"] = True
         if "variant" in self._settings and device != "cpu":
             options["variant"] = self._settings["variant"]
         class_name = self._settings.get("pipeline_class")

@@ -39,6 +39,8 @@ class BackendContext:
     provider_keys: dict[str, str] | None = None
     provider_urls: dict[str, str] | None = None
     runway: RunwayOptions = field(default_factory=RunwayOptions)
+    # Never download model weights: only local paths and the local Hugging Face cache.
+    offline: bool = False
 
 
 def provider_key(entry: ModelEntry, context: BackendContext, provider: str) -> str | None:
@@ -72,7 +74,9 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
             source = entry.path or ""
         # One replica per device: the lane then runs one batch per device at a time.
         workers = context.devices.workers()
-        return DiffusersBackend(entry, source, workers, context.max_batch_size)
+        return DiffusersBackend(
+            entry, source, workers, context.max_batch_size, offline=context.offline
+        )
     if kind == "runway":
         key = provider_key(entry, context, "runway")
         if key is None:

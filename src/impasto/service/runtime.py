@@ -89,6 +89,7 @@ class Runtime:
             devices=devices,
             max_batch_size=settings.max_batch_size,
             outbound=outbound,
+            offline=settings.offline,
             provider_keys={"runway": runway_key.get_secret_value()} if runway_key else {},
             provider_urls={"runway": settings.runway_base_url},
             runway=RunwayOptions(
