@@ -49,6 +49,8 @@ def make_settings(data_dir: Path, models_cache: Path | None = None, **overrides:
         # The tests fetch from and deliver to their own loopback servers.
         "allow_private_networks": True,
         "sweep_interval_s": 3600.0,
+        # The suite shares two cores between servers, clients and pytest itself.
+        "torch_threads": 1,
     }
     values.update(overrides)
     return Settings(**values)

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # Engine
     devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
+    torch_threads: int | None = Field(
+        default=None, description="CPU threads per torch op; default torch's own choice"
+    )
     offline: bool = Field(
         default=False, description="never download model weights (local paths and cache only)"
     )

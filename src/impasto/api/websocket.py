@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import logging
 import time
 from typing import Any
 
@@ -23,8 +21,6 @@ from impasto.protocol.tasks import AuthenticationIn, parse_task, task_context
 from impasto.service.dispatcher import Envelope, TaskDispatcher
 from impasto.service.runtime import Runtime
 from impasto.service.sessions import Frame, Session, SessionRegistry
-
-log = logging.getLogger("impasto.websocket")
 
 router = APIRouter()
 
@@ -41,11 +37,6 @@ def frames_of(envelope: Envelope) -> list[Frame]:
     if envelope.errors:
         frames.append({"errors": [e.to_item() for e in envelope.errors]})
     return frames
-
-
-def key_owner(api_key: str) -> str:
-    """Who may resume a session: a digest of the key that opened it."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 class WebSocketConnection:
@@ -165,7 +156,7 @@ class WebSocketConnection:
             return
         if self._session is not None:
             self._session.detach(self._sender)
-        session = self._sessions.open(auth.connectionSessionUUID, key_owner(auth.apiKey))
+        session = self._sessions.open(auth.connectionSessionUUID, auth.apiKey)
         self._session = session
         # The reply goes before the flush of what the session buffered: runware-sdk reads
         # frames until the authentication item, and resumes its tasks only after it.

@@ -101,14 +101,25 @@ def device_budget(device: str, budget_gb: float | None) -> int | None:
 class DevicePool:
     """The device workers of this process, created on first use."""
 
-    def __init__(self, requested: Sequence[str], budget_gb: float | None = None) -> None:
+    def __init__(
+        self,
+        requested: Sequence[str],
+        budget_gb: float | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
         self._requested = list(requested)
         self._budget_gb = budget_gb
+        self._torch_threads = torch_threads
         self._workers: list[DeviceWorker] | None = None
         self._next = 0
 
     def workers(self) -> list[DeviceWorker]:
         if self._workers is None:
+            if self._torch_threads:
+                import torch
+
+                # Process-wide: on a shared CPU, oversubscribed threads cost more than they give.
+                torch.set_num_threads(self._torch_threads)
             self._workers = [
                 DeviceWorker(d, device_budget(d, self._budget_gb))
                 for d in resolve_devices(self._requested)

@@ -149,9 +149,15 @@ class Scheduler:
                 log.exception("loading the backend of %s failed", lane.air)
                 await self._fail([first], InferenceError(f"Model {lane.air} failed to load."))
                 continue
-            first.key = backend.batch_key(first.job)
             batch = [first]
-            await self._gather(lane, batch, backend.batch_limit(first.job))
+            try:
+                first.key = backend.batch_key(first.job)
+                await self._gather(lane, batch, backend.batch_limit(first.job))
+            except Exception:
+                # A misbehaving backend fails these jobs; the lane itself must live on.
+                log.exception("batching for %s failed", lane.air)
+                await self._fail(batch, InferenceError(f"Model {lane.air} failed to batch."))
+                continue
             lane.last_batch_size = len(batch)
             await self._run_batch(lane.air, backend, batch)
 

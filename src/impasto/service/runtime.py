@@ -82,7 +82,7 @@ class Runtime:
         images = LocalImageStore(settings.images_dir)
         guard = OutboundGuard(settings.allow_private_networks)
         outbound = OutboundClient.create(guard)
-        devices = DevicePool(settings.devices, settings.vram_budget_gb)
+        devices = DevicePool(settings.devices, settings.vram_budget_gb, settings.torch_threads)
         runway_key = settings.runway_api_secret
         context = BackendContext(
             models_dir=settings.models_dir,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -100,16 +102,15 @@ class SessionRegistry:
         self._max_buffered = max_buffered
         self._sessions: dict[str, Session] = {}
 
-    def open(self, resume: str | None, owner: str) -> Session:
-        """The session to resume if it is still known and `owner` opened it, else a new one.
-
-        `owner` identifies the API key (a digest, never the key itself).
-        """
+    def open(self, resume: str | None, api_key: str) -> Session:
+        """The session to resume if it is still known and was opened with `api_key`, else a
+        new one. Only a digest of the key is kept."""
+        owner = hashlib.sha256(api_key.encode()).hexdigest()
         if resume is not None:
             session = self._sessions.get(resume)
             if (
                 session is not None
-                and session.owner == owner
+                and hmac.compare_digest(session.owner, owner)
                 and not self._expired(session, time.monotonic())
             ):
                 return session
