@@ -208,3 +208,6 @@ def loopback_http() -> Iterator[LoopbackHTTP]:
 
 def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+pytest_plugins = ["tests.services"]

@@ -52,6 +52,8 @@ class RetryPolicy:
     connect_timeout_s: float = 5.0
     webhook_read_timeout_s: float = 30.0
     upload_read_timeout_s: float = 120.0
+    # How long a claimed delivery is hidden from other nodes: longer than one attempt can take.
+    lease_s: float = 300.0
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Wait before attempt number `attempts + 1`; full jitter over the exponential."""
@@ -154,7 +156,9 @@ class Outbox:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _dispatch_due(self) -> None:
-        due = await self._state.due_deliveries(time.time(), limit=self._concurrency * 4)
+        due = await self._state.claim_deliveries(
+            time.time(), limit=self._concurrency * 4, lease_s=self._policy.lease_s
+        )
         for delivery in due:
             if delivery.delivery_id in self._in_flight:
                 continue

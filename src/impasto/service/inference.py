@@ -345,6 +345,7 @@ class InferenceService:
         image_uuid = str(uuid.uuid4())
         key = f"{image_uuid}.{encoded.extension}"
         await self._images.put(key, encoded.data, encoded.content_type)
+        expires_at = now + (task.ttl or self._output_retention_s)
         await self._state.put_image(
             ImageRecord(
                 image_uuid=image_uuid,
@@ -354,7 +355,7 @@ class InferenceService:
                 width=encoded.width,
                 height=encoded.height,
                 created_at=now,
-                expires_at=now + (task.ttl or self._output_retention_s),
+                expires_at=expires_at,
                 task_uuid=task.taskUUID,
             )
         )
@@ -372,7 +373,7 @@ class InferenceService:
             output_type=task.outputType,
             data=encoded.data,
             content_type=encoded.content_type,
-            url=self.image_url(key),
+            url=self._images.direct_url(key, expires_at) or self.image_url(key),
             seed=generated.seed,
             cost=cost,
             nsfw=nsfw,

@@ -97,7 +97,8 @@ class UploadService:
             "taskType": TASK_TYPE,
             "taskUUID": task.taskUUID,
             "imageUUID": image_uuid,
-            "imageURL": f"{self._image_base_url}/image/{key}",
+            "imageURL": self._images.direct_url(key, now + self._retention_s)
+            or f"{self._image_base_url}/image/{key}",
         }
         await self._state.add_result(ResultRecord(task.taskUUID, 0, "success", item, now))
         await self._state.finish_task(task.taskUUID, "success", None, now)

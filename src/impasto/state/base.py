@@ -60,8 +60,12 @@ class StateStore(Protocol):
     async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
         """Every delivery of a task, oldest first."""
 
-    async def due_deliveries(self, now: float, limit: int) -> list[DeliveryRecord]:
-        """Pending deliveries whose next attempt is due."""
+    async def claim_deliveries(
+        self, now: float, limit: int, lease_s: float
+    ) -> list[DeliveryRecord]:
+        """Take up to `limit` pending deliveries that are due, pushing their next attempt
+        `lease_s` into the future so no other node takes them meanwhile (a node that dies
+        mid-attempt lets the lease run out and the delivery is taken again)."""
 
     async def next_delivery_at(self) -> float | None:
         """When the earliest pending delivery is due, or None if none is pending."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,6 +174,12 @@ class SqliteStateStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        # One process owns this file: delivery leases taken by a previous run are void.
+        conn.execute(
+            "UPDATE deliveries SET next_attempt_at = MIN(next_attempt_at, ?)"
+            " WHERE status = 'pending'",
+            (time.time(),),
+        )
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -332,16 +339,24 @@ class SqliteStateStore:
 
         return await self._run(select)
 
-    async def due_deliveries(self, now: float, limit: int) -> list[DeliveryRecord]:
-        def select() -> list[DeliveryRecord]:
-            rows = self._db.execute(
-                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            return [_delivery(row) for row in rows]
+    async def claim_deliveries(
+        self, now: float, limit: int, lease_s: float
+    ) -> list[DeliveryRecord]:
+        def claim() -> list[DeliveryRecord]:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                rows = self._db.execute(
+                    "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+                self._db.executemany(
+                    "UPDATE deliveries SET next_attempt_at = ? WHERE delivery_id = ?",
+                    [(now + lease_s, row["delivery_id"]) for row in rows],
+                )
+                return [_delivery(row) for row in rows]
 
-        return await self._run(select)
+        return await self._run(claim)
 
     async def next_delivery_at(self) -> float | None:
         def select() -> float | None:

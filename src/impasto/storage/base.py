@@ -16,3 +16,7 @@ class ImageStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove a key; no error if it is already gone."""
+
+    def direct_url(self, key: str, expires_at: float) -> str | None:
+        """A URL clients may fetch the image from directly until `expires_at`, or None to
+        serve it through impasto's own /image route (which enforces the TTL exactly)."""

@@ -44,6 +44,9 @@ class LocalImageStore:
         except FileNotFoundError:
             return None
 
+    def direct_url(self, key: str, expires_at: float) -> str | None:
+        return None
+
     async def delete(self, key: str) -> None:
         path = self._path(key)
         await asyncio.to_thread(path.unlink, True)
