@@ -44,6 +44,12 @@ def serve(
     public_url: Annotated[
         str | None, typer.Option(help="base URL of image links [IMPASTO_PUBLIC_URL]")
     ] = None,
+    state: Annotated[
+        str | None, typer.Option(help="redis://… for a stateless API node [IMPASTO_STATE]")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="s3://bucket/prefix shared images [IMPASTO_STORAGE]")
+    ] = None,
 ) -> None:
     """Run the server (REST and WebSocket on /v1) until interrupted."""
     import uvicorn
@@ -51,7 +57,13 @@ def serve(
     from impasto.api.app import create_app
 
     settings = _settings(
-        host=host, port=port, data_dir=data_dir, models=models, public_url=public_url
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        models=models,
+        public_url=public_url,
+        state=state,
+        storage=storage,
     )
     _configure_logging(settings.log_level)
     uvicorn.run(
@@ -98,6 +110,53 @@ def _save_item(client: httpx.Client, item: dict[str, Any], out: Path) -> Path | 
     path = out / f"{name}.{ext}"
     path.write_bytes(data)
     return path
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="AIR to serve (repeat) [IMPASTO_WORKER_MODELS]"),
+    ] = None,
+    state: Annotated[
+        str | None, typer.Option(help="redis://… shared state [IMPASTO_STATE]")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="s3://bucket/prefix shared images [IMPASTO_STORAGE]")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="models cache [IMPASTO_DATA_DIR]")] = None,
+    models: Annotated[Path | None, typer.Option(help="models file, TOML [IMPASTO_MODELS]")] = None,
+) -> None:
+    """Run generation jobs from the shared queue (with `serve --state redis://…` API nodes)."""
+    import asyncio
+    import signal
+
+    from impasto.service.runtime import Runtime
+
+    settings = _settings(
+        worker_models=model or None, state=state, storage=storage, data_dir=data_dir, models=models
+    )
+    _configure_logging(settings.log_level)
+    if not settings.distributed:
+        console.print("[red]impasto worker needs shared state: --state redis://host:6379/0[/]")
+        raise typer.Exit(2)
+    if not settings.worker_models:
+        console.print("[red]name the models this worker serves: --model AIR (repeatable)[/]")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Runtime.start(settings, role="worker") as runtime:
+            assert runtime.worker is not None
+            working = asyncio.create_task(runtime.worker.run())
+            await stop.wait()
+            working.cancel()
+            await asyncio.gather(working, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 @app.command()

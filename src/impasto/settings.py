@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,6 +20,15 @@ class Settings(BaseSettings):
     # still be given by field name in code and tests.
     model_config = SettingsConfigDict(env_prefix="IMPASTO_", extra="ignore", populate_by_name=True)
 
+    # Where state lives: None = the SQLite file in the data dir (one process); redis://… =
+    # shared by many API nodes and workers (then images must be in shared storage too).
+    state: str | None = None
+    redis_prefix: str = "impasto"
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="AIRs an `impasto worker` serves"
+    )
+    worker_prefetch: int = 8
+    worker_lease_s: float = 60.0
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -145,7 +154,29 @@ class Settings(BaseSettings):
 
     # --- end of content safety ----------------------------------------------------------------
 
-    @field_validator("api_keys", "devices", "preload", mode="before")
+    # --- Image storage (ImageStore; docs/storage.md) --------------------------------------------
+    storage: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix, file:///dir or a directory; default DATA_DIR/images",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, R2, …); default AWS"
+    )
+    s3_region: str | None = Field(default=None, description="default: boto3's (AWS_REGION, …)")
+    s3_access_key_id: str | None = Field(
+        default=None, description="with the secret; default: boto3's credential chain"
+    )
+    s3_secret_access_key: SecretStr | None = None
+    s3_url_mode: Literal["proxy", "presigned", "public"] = Field(
+        default="proxy",
+        description="image URLs: proxy (via impasto, exact TTL) | presigned | public",
+    )
+    s3_public_base_url: str | None = Field(
+        default=None, description="public mode: URL of the bucket root (or a CDN before it)"
+    )
+    # --- end of image storage -------------------------------------------------------------------
+
+    @field_validator("api_keys", "devices", "preload", "worker_models", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -162,6 +193,10 @@ class Settings(BaseSettings):
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.state) and str(self.state).startswith(("redis://", "rediss://"))
 
     @property
     def state_path(self) -> Path:

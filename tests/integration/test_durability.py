@@ -4,10 +4,6 @@ accepted is lost or duplicated, and pending webhooks and uploads are delivered."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,67 +12,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import LoopbackHTTP, Recorded, free_port
-
-
-class ServerProcess:
-    """`python -m impasto serve` in its own process, so that it can be killed for real."""
-
-    def __init__(self, data_dir: Path, models_cache: Path, port: int) -> None:
-        self.port = port
-        self.env = {
-            **os.environ,
-            "IMPASTO_DATA_DIR": str(data_dir),
-            "IMPASTO_MODELS_CACHE": str(models_cache),
-            "IMPASTO_PORT": str(port),
-            "IMPASTO_HOST": "127.0.0.1",
-            "IMPASTO_ALLOW_PRIVATE_NETWORKS": "true",
-            "IMPASTO_DELIVERY_BASE_DELAY_S": "0.05",
-            "IMPASTO_DELIVERY_MAX_DELAY_S": "0.2",
-            "IMPASTO_LOG_LEVEL": "warning",
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "impasto", "serve"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "server exited during start-up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("server did not become healthy")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-    def post(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-        reply: dict[str, Any] = httpx.post(self.url, json=tasks, timeout=60).json()
-        return reply
-
-    def poll(self, task_uuid: str) -> list[dict[str, Any]]:
-        reply = self.post([{"taskType": "getResponse", "taskUUID": task_uuid}])
-        assert "errors" not in reply, reply
-        items: list[dict[str, Any]] = reply["data"]
-        return items
+from tests.processes import ServerProcess
 
 
 def test_kill_9_mid_batch_loses_and_duplicates_nothing(
@@ -93,7 +29,16 @@ def test_kill_9_mid_batch_loses_and_duplicates_nothing(
         return (200, "text/plain", b"ok")
 
     loopback_http.handler = receiver
-    server = ServerProcess(tmp_path / "data", tiny_models_dir, free_port())
+    server = ServerProcess(
+        free_port(),
+        {
+            "IMPASTO_DATA_DIR": str(tmp_path / "data"),
+            "IMPASTO_MODELS_CACHE": str(tiny_models_dir),
+            "IMPASTO_ALLOW_PRIVATE_NETWORKS": "true",
+            "IMPASTO_DELIVERY_BASE_DELAY_S": "0.05",
+            "IMPASTO_DELIVERY_MAX_DELAY_S": "0.2",
+        },
+    )
     server.start()
     tasks = [
         {

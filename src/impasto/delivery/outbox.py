@@ -119,6 +119,7 @@ class Outbox:
         secret: str | None,
         on_settled: SettledCallback,
         concurrency: int = 16,
+        poll_interval_s: float | None = None,
     ) -> None:
         self._state = state
         self._images = images
@@ -128,6 +129,7 @@ class Outbox:
         self._on_settled = on_settled
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
+        self._poll_interval_s = poll_interval_s
         self._wakeup = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
 
@@ -145,6 +147,8 @@ class Outbox:
                 await asyncio.sleep(1.0)
             next_at = await self._state.next_delivery_at()
             timeout = None if next_at is None else max(0.0, next_at - time.time())
+            if self._poll_interval_s is not None:
+                timeout = min(timeout or self._poll_interval_s, self._poll_interval_s)
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)

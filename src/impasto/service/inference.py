@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -34,13 +34,17 @@ from impasto.protocol.results import image_item
 from impasto.protocol.tasks import MAX_SEED, ImageInferenceIn, check_against_rules
 from impasto.service.images import ImageResolver
 from impasto.service.safety import ContentSafety, wants_output_check
-from impasto.state.base import EventBus, StateStore, Subscription
+from impasto.state.base import EventBus, JobQueue, QueuedJob, StateStore, Subscription
 from impasto.state.records import DeliveryRecord, ImageRecord, ResultRecord, TaskRecord
 from impasto.storage.base import ImageStore
 
 log = logging.getLogger("impasto.inference")
 
 TASK_TYPE = "imageInference"
+
+# Awaited once a generation's outcome is stored (worker acknowledgements).
+StoredCallback = Callable[[GenerationJob], Awaitable[None]]
+JobDone = Callable[[QueuedJob], Awaitable[None]]
 
 
 def seeds_for(seed: int | None, count: int) -> list[int]:
@@ -100,6 +104,7 @@ class InferenceService:
         output_retention_s: int,
         safety: ContentSafety,
         guard: OutboundGuard,
+        queue: JobQueue | None = None,
     ) -> None:
         self._registry = registry
         self._state = state
@@ -112,6 +117,8 @@ class InferenceService:
         self._output_retention_s = output_retention_s
         self._safety = safety
         self._guard = guard
+        # Set on API nodes of a distributed deployment: workers run the jobs.
+        self._queue = queue
         self._wake_outbox: Callable[[], None] = lambda: None
         self._schedulers = frozenset(known_schedulers())
 
@@ -178,8 +185,37 @@ class InferenceService:
 
     async def resume(self, record: TaskRecord) -> None:
         """After a restart: re-run the generations of an accepted task that were not stored."""
+        await self.rerun(record, range(record.expected))
+
+    async def execute(self, queued: Sequence[QueuedJob], done: JobDone) -> None:
+        """Worker side of a JobQueue: run queued generations of one task; `done(job)` is
+        awaited once each one's outcome is stored (or was already)."""
+        task_uuid = queued[0].task_uuid
+        record = await self._state.get_task(task_uuid)
+        if record is None:
+            # Swept or never stored: nothing to run, nothing to keep.
+            for job in queued:
+                await done(job)
+            return
+        by_index = {job.index: job for job in queued}
+
+        async def stored(job: GenerationJob) -> None:
+            await done(by_index[job.index])
+
+        await self.rerun(record, sorted(by_index), stored)
+
+    async def rerun(
+        self, record: TaskRecord, indices: Iterable[int], after: StoredCallback | None = None
+    ) -> None:
+        """Run the generations `indices` of an accepted task that are not stored yet, with
+        their original seeds and any backend checkpoint (e.g. a provider's task id)."""
         done = {r.index for r in await self._state.results(record.task_uuid)}
-        missing = [i for i in range(record.expected) if i not in done]
+        wanted = list(indices)
+        missing = [i for i in wanted if i not in done]
+        if after is not None:
+            for index in wanted:
+                if index in done:
+                    await after(_placeholder(record, index))
         try:
             task = ImageInferenceIn.model_validate(record.request)
             resolved = self.validate(task)
@@ -190,6 +226,8 @@ class InferenceService:
                 await self._state.add_result(
                     ResultRecord(record.task_uuid, index, "error", error, time.time())
                 )
+                if after is not None:
+                    await after(_placeholder(record, index))
             await self.maybe_finish(record.task_uuid)
             return
         if not missing:
@@ -201,8 +239,8 @@ class InferenceService:
             for i in missing
             if isinstance(record.extra.get(f"job{i}"), dict)
         }
-        log.info("resuming task %s: %d generation(s) to run", record.task_uuid, len(missing))
-        await self._schedule(task, resolved, references, seeds, missing, resume)
+        log.info("running task %s again: %d generation(s)", record.task_uuid, len(missing))
+        await self._run_here(task, resolved, references, seeds, missing, resume, after)
 
     async def _references(self, task: ImageInferenceIn) -> tuple[ReferenceImage, ...]:
         given = task.reference_images()
@@ -224,8 +262,25 @@ class InferenceService:
         resolved: ResolvedModel,
         references: tuple[ReferenceImage, ...],
         seeds: list[int],
-        indices: range | list[int],
-        resume: Mapping[int, Mapping[str, Any]] | None = None,
+        indices: range,
+    ) -> None:
+        """Hand an accepted task's generations to the workers' queue, or run them here."""
+        if self._queue is not None:
+            await self._queue.put(
+                [QueuedJob(resolved.target.air, task.taskUUID, index) for index in indices]
+            )
+            return
+        await self._run_here(task, resolved, references, seeds, list(indices), {}, None)
+
+    async def _run_here(
+        self,
+        task: ImageInferenceIn,
+        resolved: ResolvedModel,
+        references: tuple[ReferenceImage, ...],
+        seeds: list[int],
+        indices: list[int],
+        resume: Mapping[int, Mapping[str, Any]],
+        after: StoredCallback | None,
     ) -> None:
         width, height = (
             (task.width, task.height)
@@ -251,11 +306,11 @@ class InferenceService:
                 strength=task.strength,
                 reference_images=references,
                 provider_settings=provider,
-                resume=(resume or {}).get(i, {}),
+                resume=resume.get(i, {}),
             )
             for i in indices
         ]
-        sink = _TaskSink(self, task, resolved)
+        sink = _TaskSink(self, task, resolved, after)
         await self._scheduler.submit(resolved.target.air, jobs, sink)
 
     # -- finishing ------------------------------------------------------------------------
@@ -440,15 +495,33 @@ class InferenceService:
                 )
 
 
+def _placeholder(record: TaskRecord, index: int) -> GenerationJob:
+    """A job identity for callbacks about a generation that will not run here."""
+    return GenerationJob(
+        task_uuid=record.task_uuid,
+        index=index,
+        model=record.model or "",
+        prompt="",
+        width=0,
+        height=0,
+        seed=0,
+    )
+
+
 class _TaskSink:
     """The engine's view of one task."""
 
     def __init__(
-        self, service: InferenceService, task: ImageInferenceIn, resolved: ResolvedModel
+        self,
+        service: InferenceService,
+        task: ImageInferenceIn,
+        resolved: ResolvedModel,
+        after: StoredCallback | None = None,
     ) -> None:
         self._service = service
         self._task = task
         self._resolved = resolved
+        self._after = after
 
     async def on_progress(self, job: GenerationJob, percent: int) -> None:
         await self._service._state.set_progress(job.task_uuid, job.index, percent)
@@ -465,3 +538,5 @@ class _TaskSink:
             log.exception("storing generation %s failed", job.job_id)
             failure = InferenceError("The generated image could not be stored.")
             await self._service.store_outcome(self._task, self._resolved, job, failure)
+        if self._after is not None:
+            await self._after(job)

@@ -1,5 +1,13 @@
-"""The Runtime: every long-lived component of a server process, built from Settings and torn
-down in reverse order. The API's lifespan owns one."""
+"""The Runtime: every long-lived component of a process, built from Settings and torn down in
+reverse order. The API's lifespan owns one; so does `impasto worker`.
+
+Roles:
+- one process (`impasto serve`, SQLite state): the API runs the models itself;
+- API node (`impasto serve --state redis://…`): stateless, queues generation jobs;
+- worker (`impasto worker --state redis://… --model AIR`): runs queued jobs, stores outcomes.
+Every role sends the webhooks and uploads it finds due (leases keep them from doubling) and
+sweeps expired images.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 from impasto.backends.base import Backend
 from impasto.backends.devices import DevicePool
@@ -33,13 +42,14 @@ from impasto.service.responses import ResponseService
 from impasto.service.safety import load_content_safety
 from impasto.service.sessions import SessionRegistry
 from impasto.service.uploads import UploadService
+from impasto.service.worker import Worker
 from impasto.settings import Settings
-from impasto.state.base import EventBus, StateStore
+from impasto.state.base import EventBus, JobQueue, StateStore
 from impasto.state.events import LocalEventBus
 from impasto.state.records import DeliveryRecord, ResultRecord
 from impasto.state.sqlite import SqliteStateStore
 from impasto.storage.base import ImageStore
-from impasto.storage.local import LocalImageStore
+from impasto.storage.factory import open_image_store
 from impasto.storage.sweeper import Sweeper
 
 log = logging.getLogger("impasto.runtime")
@@ -51,6 +61,47 @@ def _counted(settled: SettledCallback, metrics: Metrics) -> SettledCallback:
         await settled(delivery, ok)
 
     return callback
+
+
+Role = Literal["single", "api", "worker"]
+
+
+@asynccontextmanager
+async def _shared_stores(
+    settings: Settings,
+) -> AsyncIterator[tuple[StateStore, EventBus, JobQueue | None, ImageStore]]:
+    """SQLite, in-process events and local files; or Redis state, events and queue with the
+    configured image storage, shared by every node."""
+    async with open_image_store(settings) as images:
+        if not settings.distributed:
+            sqlite = SqliteStateStore(settings.state_path)
+            await sqlite.open()
+            try:
+                yield sqlite, LocalEventBus(), None, images
+            finally:
+                await sqlite.close()
+            return
+        from impasto.state.redis_events import RedisEventBus
+        from impasto.state.redis_queue import RedisJobQueue
+        from impasto.state.redis_store import RedisStateStore
+
+        if not settings.storage:
+            log.warning(
+                "shared state with local image files: every node must see the same %s",
+                settings.images_dir,
+            )
+        url, prefix = str(settings.state), settings.redis_prefix
+        state = RedisStateStore(url, prefix=prefix)
+        await state.open()
+        bus = RedisEventBus(url, prefix=prefix)
+        await bus.open()
+        queue = RedisJobQueue(url, prefix=prefix)
+        try:
+            yield state, bus, queue, images
+        finally:
+            await queue.close()
+            await bus.close()
+            await state.close()
 
 
 @dataclass
@@ -70,16 +121,33 @@ class Runtime:
     sessions: SessionRegistry
     metrics: Metrics
     started_at: float
+    role: Role = "single"
+    worker: Worker | None = None
 
     @classmethod
     @asynccontextmanager
-    async def start(cls, settings: Settings) -> AsyncIterator[Runtime]:
+    async def start(cls, settings: Settings, role: Role | None = None) -> AsyncIterator[Runtime]:
+        role = role or ("api" if settings.distributed else "single")
         registry = ModelRegistry.load(settings.models)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        state = SqliteStateStore(settings.state_path)
-        await state.open()
-        bus = LocalEventBus()
-        images = LocalImageStore(settings.images_dir)
+        async with (
+            _shared_stores(settings) as (state, bus, queue, images),
+            cls._start(settings, role, registry, state, bus, queue, images) as runtime,
+        ):
+            yield runtime
+
+    @classmethod
+    @asynccontextmanager
+    async def _start(
+        cls,
+        settings: Settings,
+        role: Role,
+        registry: ModelRegistry,
+        state: StateStore,
+        bus: EventBus,
+        queue: JobQueue | None,
+        images: ImageStore,
+    ) -> AsyncIterator[Runtime]:
         guard = OutboundGuard(settings.allow_private_networks)
         outbound = OutboundClient.create(guard)
         devices = DevicePool(settings.devices, settings.vram_budget_gb, settings.torch_threads)
@@ -138,6 +206,7 @@ class Runtime:
             output_retention_s=settings.output_retention_s,
             safety=await load_content_safety(settings),
             guard=guard,
+            queue=queue if role == "api" else None,
         )
         outbox = Outbox(
             state,
@@ -154,6 +223,8 @@ class Runtime:
             ),
             secret=settings.webhook_secret,
             on_settled=_counted(inference.on_delivery_settled, metrics),
+            # Other processes queue deliveries too: look for due ones at least every second.
+            poll_interval_s=1.0 if role != "single" else None,
         )
         inference.attach_outbox(outbox.wake)
         uploads = UploadService(
@@ -194,12 +265,27 @@ class Runtime:
             sessions=SessionRegistry(ttl_s=settings.ws_session_ttl_s),
             metrics=metrics,
             started_at=time.time(),
+            role=role,
         )
+        if role == "worker":
+            assert queue is not None
+            airs = sorted({registry.resolve(air).target.air for air in settings.worker_models})
+            runtime.worker = Worker(
+                queue,
+                inference,
+                state,
+                airs,
+                prefetch=settings.worker_prefetch,
+                lease_s=settings.worker_lease_s,
+            )
+            log.info("worker serving %s", ", ".join(airs))
         for air in settings.preload:
             seconds = await scheduler.warm(registry.resolve(air).target.air)
             log.info("preloaded %s in %.1f s", air, seconds)
         metrics.track(scheduler.queued, lambda: len(runtime.sessions))
-        await runtime._recover()
+        if role == "single":
+            # Distributed jobs are not lost with a process: the queue's leases hand them on.
+            await runtime._recover()
         background = [
             asyncio.create_task(sweeper.run(), name="sweeper"),
             asyncio.create_task(outbox.run(), name="outbox"),
@@ -217,7 +303,6 @@ class Runtime:
             encode_pool.shutdown(wait=True)
             devices.shutdown()
             await outbound.aclose()
-            await state.close()
 
     async def _recover(self) -> None:
         """Tasks a previous process left running: inference re-runs what was not stored;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from impasto.state.records import (
@@ -120,3 +121,40 @@ class EventBus(Protocol):
 
     def subscribe(self, task_uuid: str) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe before reading state, so that no change is missed in between."""
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A generation waiting in a JobQueue: which task, which image, for which model."""
+
+    air: str
+    task_uuid: str
+    index: int
+    entry_id: str = ""
+
+
+class JobQueue(Protocol):
+    """Generation jobs shared between API nodes (producers) and workers (consumers).
+
+    At least once: a job stays owned by the worker that took it until acknowledged; a worker
+    that dies without acknowledging lets its lease lapse, and another worker takes the job
+    again. Results are stored idempotently per (task, index), so a job run twice stores once.
+    """
+
+    async def put(self, jobs: Sequence[QueuedJob]) -> None:
+        """Queue jobs (each for its own model's queue)."""
+
+    async def take(self, airs: Sequence[str], count: int, block_s: float) -> list[QueuedJob]:
+        """Up to `count` jobs for these models, waiting at most `block_s` for the first."""
+
+    async def reclaim(self, airs: Sequence[str], lease_s: float, count: int) -> list[QueuedJob]:
+        """Jobs whose owner has not touched them for `lease_s`: now ours."""
+
+    async def touch(self, jobs: Sequence[QueuedJob]) -> None:
+        """Renew our lease on jobs we are still working on."""
+
+    async def ack(self, job: QueuedJob) -> None:
+        """The job's outcome is stored: forget it."""
+
+    async def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,126 @@
+"""RedisJobQueue: generation jobs on Redis Streams, one stream per model, one consumer group.
+
+    {prefix}:jobs:{air}    stream; entries {task, index}; consumer group "workers"
+
+A worker reads with XREADGROUP (the entry becomes pending under its consumer name), renews its
+lease while it works by re-claiming its own entries (XCLAIM resets the idle time), and
+acknowledges with XACK + XDEL once the outcome is stored. Entries idle longer than the lease
+belong to a worker that died: XAUTOCLAIM hands them to a live one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+import redis.asyncio as redis
+from redis.exceptions import ResponseError
+
+from impasto.state.base import QueuedJob
+
+GROUP = "workers"
+
+
+class RedisJobQueue:
+    """JobQueue on Redis Streams."""
+
+    def __init__(self, url: str, prefix: str = "impasto", consumer: str | None = None) -> None:
+        self._redis = redis.Redis.from_url(url, decode_responses=True)
+        self._prefix = prefix
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._groups: set[str] = set()
+
+    def _stream(self, air: str) -> str:
+        return f"{self._prefix}:jobs:{air}"
+
+    async def _ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
+            return
+        try:
+            await self._redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(stream)
+
+    async def put(self, jobs: Sequence[QueuedJob]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                await self._ensure_group(self._stream(job.air))
+                pipe.xadd(self._stream(job.air), {"task": job.task_uuid, "index": job.index})
+            await pipe.execute()
+
+    async def take(self, airs: Sequence[str], count: int, block_s: float) -> list[QueuedJob]:
+        streams = {self._stream(air): ">" for air in airs}
+        for stream in streams:
+            await self._ensure_group(stream)
+        reply = await self._redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            cast(Any, streams),
+            count=count,
+            block=max(1, int(block_s * 1000)),
+        )
+        jobs: list[QueuedJob] = []
+        for stream, entries in reply or []:
+            air = stream[len(self._prefix) + len(":jobs:") :]
+            for entry_id, fields in entries:
+                jobs.append(_job(air, entry_id, fields))
+        return jobs[:count]
+
+    async def reclaim(self, airs: Sequence[str], lease_s: float, count: int) -> list[QueuedJob]:
+        jobs: list[QueuedJob] = []
+        for air in airs:
+            stream = self._stream(air)
+            await self._ensure_group(stream)
+            reply = await self._redis.xautoclaim(
+                stream,
+                GROUP,
+                self.consumer,
+                min_idle_time=int(lease_s * 1000),
+                start_id="0-0",
+                count=count - len(jobs),
+            )
+            for entry_id, fields in reply[1]:
+                if fields:  # entries deleted meanwhile come back empty
+                    jobs.append(_job(air, entry_id, fields))
+            if len(jobs) >= count:
+                break
+        return jobs
+
+    async def touch(self, jobs: Sequence[QueuedJob]) -> None:
+        by_air: dict[str, list[str]] = {}
+        for job in jobs:
+            by_air.setdefault(job.air, []).append(job.entry_id)
+        for air, ids in by_air.items():
+            await self._redis.xclaim(
+                self._stream(air),
+                GROUP,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=cast(Any, ids),
+                justid=True,
+            )
+
+    async def ack(self, job: QueuedJob) -> None:
+        stream = self._stream(job.air)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, job.entry_id)
+            pipe.xdel(stream, job.entry_id)
+            await pipe.execute()
+
+    async def depth(self, air: str) -> int:
+        """Entries not yet acknowledged for a model (waiting or in progress)."""
+        return int(await self._redis.xlen(self._stream(air)))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _job(air: str, entry_id: str, fields: dict[str, str]) -> QueuedJob:
+    return QueuedJob(
+        air=air, task_uuid=fields["task"], index=int(fields["index"]), entry_id=entry_id
+    )
