@@ -4,6 +4,7 @@ path, and the clear error when a hub model's weights are not available offline."
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import RunningServer
+from tests.gated_backend import Gate
 
 
 def task(**overrides: Any) -> dict[str, Any]:
@@ -34,28 +36,57 @@ def pixels(item: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
-def test_concurrent_requests_of_one_shape_run_in_one_pipeline_call(
+def test_requests_that_queue_while_the_model_is_busy_run_in_one_pipeline_call(
     server_factory: Any, tmp_path: Path
 ) -> None:
+    gate = Gate()
     models = tmp_path / "models.toml"
     models.write_text(
-        '[models."impasto:tiny@1".settings]\nmax_batch_size = 4\nbatch_invariant = true\n'
+        '[models."impasto:tiny@1"]\n'
+        'backend = "tests.gated_backend:GatedTinyBackend"\n'
+        f'settings = {{ gate = "{gate.name}", max_batch_size = 4, batch_invariant = true }}\n'
     )
-    server: RunningServer = server_factory(models=models, batch_wait_ms=500)
+    server: RunningServer = server_factory(models=models)
+    runtime = server.runtime()
     tasks = [task(seed=300 + i, positivePrompt=f"boat {i}") for i in range(4)]
+    with gate.hold():
+        # The model is busy with a first task ...
+        server.post([task(deliveryMethod="async")])
+        gate.wait_held(1)
+        # ... while four more of one shape arrive from four clients.
+        for body in tasks:
+            server.post([dict(body, deliveryMethod="async")])
+        wait_until(lambda: runtime.scheduler.queued() == 4)
+    for body in tasks:
+        wait_until(lambda b=body: statuses(server, b) == ["success"])
 
-    # One array: the four tasks reach the scheduler together and share a call.
-    reply = server.post(tasks).json()
-
-    assert len(reply["data"]) == 4
-    backend = server.runtime().scheduler.backend_of("impasto:tiny@1")
-    assert backend.batch_sizes == [4]
-    batched = {item["taskUUID"]: pixels(item) for item in reply["data"]}
+    backend = runtime.scheduler.backend_of("impasto:tiny@1")
+    assert backend.batch_sizes == [1, 4]
+    batched = {
+        body["taskUUID"]: pixels(server.post([poll(body)]).json()["data"][0]) for body in tasks
+    }
     # The same seeds alone, one request at a time: the same pixels (batch-invariant model).
     for original in tasks:
         solo = server.post([dict(original, taskUUID=str(uuid.uuid4()))]).json()["data"][0]
         assert np.array_equal(pixels(solo), batched[original["taskUUID"]])
-    assert backend.batch_sizes == [4, 1, 1, 1, 1]
+    assert backend.batch_sizes == [1, 4, 1, 1, 1, 1]
+
+
+def poll(body: dict[str, Any]) -> dict[str, Any]:
+    return {"taskType": "getResponse", "taskUUID": body["taskUUID"]}
+
+
+def statuses(server: RunningServer, body: dict[str, Any]) -> list[str]:
+    return [item["status"] for item in server.post([poll(body)]).json().get("data", [])]
+
+
+def wait_until(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
 
 
 def test_number_results_are_split_into_batches_by_model_limit(
