@@ -129,6 +129,7 @@ def worker(
 ) -> None:
     """Run generation jobs from the shared queue (with `serve --state redis://…` API nodes)."""
     import asyncio
+    import contextlib
     import signal
 
     from impasto.service.runtime import Runtime
@@ -151,10 +152,30 @@ def worker(
             loop.add_signal_handler(sig, stop.set)
         async with Runtime.start(settings, role="worker") as runtime:
             assert runtime.worker is not None
-            working = asyncio.create_task(runtime.worker.run())
+            tasks = [asyncio.create_task(runtime.worker.run())]
+            http = None
+            if settings.worker_port:
+                import uvicorn
+
+                from impasto.api.worker_app import create_worker_app
+
+                http = uvicorn.Server(
+                    uvicorn.Config(
+                        create_worker_app(runtime),
+                        host=settings.host,
+                        port=settings.worker_port,
+                        lifespan="off",
+                        log_level="warning",
+                    )
+                )
+                # This process's own handlers stop the worker and then the endpoint.
+                http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+                tasks.append(asyncio.create_task(http.serve()))
             await stop.wait()
-            working.cancel()
-            await asyncio.gather(working, return_exceptions=True)
+            if http is not None:
+                http.should_exit = True
+            tasks[0].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     )
     worker_prefetch: int = 8
     worker_lease_s: float = 60.0
+    worker_max_deliveries: int = 3
+    worker_port: int | None = Field(
+        default=None, description="serve /healthz and /metrics of `impasto worker` on this port"
+    )
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Field(default_factory=_default_data_dir)

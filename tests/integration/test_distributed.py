@@ -38,11 +38,12 @@ class Cluster:
         self.apis.append(node)
         return node
 
-    def worker(self, *airs: str) -> ImpastoProcess:
+    def worker(self, *airs: str, **env: str) -> ImpastoProcess:
         args = ["worker"]
         for air in airs or (TINY,):
             args += ["--model", air]
-        node = ImpastoProcess(args, self.env, self.logs / f"worker{len(self.workers)}.log")
+        log = self.logs / f"worker{len(self.workers)}.log"
+        node = ImpastoProcess(args, {**self.env, **env}, log)
         node.start()
         self.workers.append(node)
         return node
@@ -202,3 +203,30 @@ def test_webhook_sent_once_though_every_node_runs_an_outbox(
 
     delivered = sorted(json.loads(c.body)["data"][0]["imageUUID"] for c in calls)
     assert delivered == sorted(item["imageUUID"] for item in reply["data"])
+
+
+def test_a_worker_reports_health_and_metrics_on_its_own_port(cluster: Cluster) -> None:
+    api = cluster.api()
+    port = free_port()
+    cluster.worker(IMPASTO_WORKER_PORT=str(port))
+    health = f"http://127.0.0.1:{port}/healthz"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(health).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+    api.post([task(numberResults=2)])
+
+    # The worker acknowledges a job just after the reply goes out: wait for its count.
+    deadline = time.monotonic() + 30
+    while httpx.get(health).json()["completed"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = httpx.get(health).json()
+    assert stats["status"] == "ok"
+    assert stats["models"] == [TINY]
+    assert stats["completed"] == 2
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'impasto_batch_size_count{model="impasto:tiny@1"}' in metrics

@@ -277,6 +277,7 @@ class Runtime:
                 airs,
                 prefetch=settings.worker_prefetch,
                 lease_s=settings.worker_lease_s,
+                max_deliveries=settings.worker_max_deliveries,
             )
             log.info("worker serving %s", ", ".join(airs))
         for air in settings.preload:

@@ -9,10 +9,10 @@ died). A job that is run twice stores once (results are unique per task and inde
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from impasto.protocol.errors import ImpastoError, InferenceError
 from impasto.service.inference import InferenceService
@@ -35,6 +35,7 @@ class Worker:
         prefetch: int = 8,
         lease_s: float = 60.0,
         block_s: float = 1.0,
+        max_deliveries: int = 3,
     ) -> None:
         self._queue = queue
         self._inference = inference
@@ -43,10 +44,14 @@ class Worker:
         self._prefetch = max(1, prefetch)
         self._lease_s = lease_s
         self._block_s = block_s
+        self._max_deliveries = max_deliveries
         self._slots = asyncio.Semaphore(self._prefetch)
         self._held: dict[str, QueuedJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.completed = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"models": self._airs, "held_jobs": len(self._held), "completed": self.completed}
 
     async def run(self) -> None:
         """Until cancelled."""
@@ -90,11 +95,36 @@ class Worker:
                         await self._slots.acquire()
                     if orphans:
                         log.warning("took over %d job(s) from a worker that stopped", len(orphans))
-                    self._dispatch(orphans)
+                    # A job whose workers keep dying (a crash, the kernel's OOM killer) fails
+                    # instead of taking down every worker in turn.
+                    poison = [j for j in orphans if j.deliveries > self._max_deliveries]
+                    self._dispatch([j for j in orphans if j not in poison])
+                    for job in poison:
+                        self._held[job.entry_id] = job
+                        await self._abandon(job)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("lease housekeeping failed; retrying next round")
+
+    async def _abandon(self, job: QueuedJob) -> None:
+        log.error(
+            "giving up generation %s:%d after %d workers stopped while running it",
+            job.task_uuid,
+            job.index,
+            job.deliveries - 1,
+        )
+        error = InferenceError(
+            f"The generation was started {job.deliveries - 1} times and every worker running it "
+            "stopped; giving up."
+        ).for_task("imageInference", job.task_uuid)
+        await self._state.add_result(
+            ResultRecord(job.task_uuid, job.index, "error", error.to_item(), time.time())
+        )
+        await self._queue.ack(job)
+        self._held.pop(job.entry_id, None)
+        self._slots.release()
+        await self._inference.maybe_finish(job.task_uuid)
 
     def _dispatch(self, jobs: Sequence[QueuedJob]) -> None:
         by_task: dict[str, list[QueuedJob]] = {}
@@ -112,8 +142,11 @@ class Worker:
         async def done(job: QueuedJob) -> None:
             if pending.pop(job.entry_id, None) is None:
                 return
-            with contextlib.suppress(Exception):
+            try:
                 await self._queue.ack(job)
+            except Exception:
+                # The lease lapses and the job runs again; its result is stored only once.
+                log.exception("acknowledging %s:%d failed", job.task_uuid, job.index)
             self._held.pop(job.entry_id, None)
             self._slots.release()
             self.completed += 1

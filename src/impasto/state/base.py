@@ -131,6 +131,8 @@ class QueuedJob:
     task_uuid: str
     index: int
     entry_id: str = ""
+    # How many times the job has been handed to a worker (1 the first time).
+    deliveries: int = 1
 
 
 class JobQueue(Protocol):

@@ -84,12 +84,23 @@ class RedisJobQueue:
                 start_id="0-0",
                 count=count - len(jobs),
             )
-            for entry_id, fields in reply[1]:
-                if fields:  # entries deleted meanwhile come back empty
-                    jobs.append(_job(air, entry_id, fields))
+            claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+            counts = await self._delivery_counts(stream, [entry_id for entry_id, _ in claimed])
+            for entry_id, fields in claimed:  # entries deleted meanwhile come back empty
+                jobs.append(_job(air, entry_id, fields, counts.get(entry_id, 1)))
             if len(jobs) >= count:
                 break
         return jobs
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry_id in ids:
+            pending = await self._redis.xpending_range(
+                stream, GROUP, min=entry_id, max=entry_id, count=1
+            )
+            for entry in pending:
+                counts[str(entry["message_id"])] = int(entry["times_delivered"])
+        return counts
 
     async def touch(self, jobs: Sequence[QueuedJob]) -> None:
         by_air: dict[str, list[str]] = {}
@@ -120,7 +131,11 @@ class RedisJobQueue:
         await self._redis.aclose()
 
 
-def _job(air: str, entry_id: str, fields: dict[str, str]) -> QueuedJob:
+def _job(air: str, entry_id: str, fields: dict[str, str], deliveries: int = 1) -> QueuedJob:
     return QueuedJob(
-        air=air, task_uuid=fields["task"], index=int(fields["index"]), entry_id=entry_id
+        air=air,
+        task_uuid=fields["task"],
+        index=int(fields["index"]),
+        entry_id=entry_id,
+        deliveries=deliveries,
     )
