@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
-import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,12 +19,10 @@ app = typer.Typer(add_completion=False, help="impasto: a self-hosted Runware-com
 console = Console()
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, fmt: str = "text") -> None:
+    from impasto.logcontext import configure_logging
+
+    configure_logging(level, fmt)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -65,7 +61,7 @@ def serve(
         state=state,
         storage=storage,
     )
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -137,7 +133,7 @@ def worker(
     settings = _settings(
         worker_models=model or None, state=state, storage=storage, data_dir=data_dir, models=models
     )
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     if not settings.distributed:
         console.print("[red]impasto worker needs shared state: --state redis://host:6379/0[/]")
         raise typer.Exit(2)

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated; empty = open server"
     )
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
 
     # Requests
     max_body_bytes: int = 32 * 1024 * 1024

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from impasto.logcontext import current_task
 from impasto.protocol.errors import (
     AuthError,
     ImpastoError,
@@ -162,6 +163,8 @@ class TaskDispatcher:
         """One task, already authenticated, as it happens: a sync imageInference yields each
         image (or distinct error) as soon as it is stored; other tasks yield once."""
         task_type, task_uuid = task_context(raw)
+        # Each task runs in an asyncio task of its own: the variable is this task's alone.
+        current_task.set(task_uuid)
         try:
             task = parse_task(raw)
             if isinstance(task, ImageInferenceIn) and task.deliveryMethod == "sync":

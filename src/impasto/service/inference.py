@@ -21,6 +21,7 @@ from impasto.delivery.codecs import encode_image
 from impasto.delivery.outbound import OutboundFailed, OutboundGuard, OutboundRefused
 from impasto.delivery.outbox import new_delivery
 from impasto.engine.scheduler import Scheduler
+from impasto.logcontext import current_task
 from impasto.protocol.errors import (
     ConflictTaskUUID,
     ContentBlocked,
@@ -530,6 +531,7 @@ class _TaskSink:
         await self._service._state.update_task_extra(job.task_uuid, {f"job{job.index}": dict(data)})
 
     async def on_outcome(self, job: GenerationJob, outcome: Outcome) -> None:
+        current_task.set(job.task_uuid)
         try:
             await self._service.store_outcome(self._task, self._resolved, job, outcome)
         except ImpastoError as exc:

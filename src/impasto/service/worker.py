@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from impasto.logcontext import current_task
 from impasto.protocol.errors import ImpastoError, InferenceError
 from impasto.service.inference import InferenceService
 from impasto.state.base import JobQueue, QueuedJob, StateStore
@@ -137,6 +138,7 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, group: list[QueuedJob]) -> None:
+        current_task.set(group[0].task_uuid)
         pending = {job.entry_id: job for job in group}
 
         async def done(job: QueuedJob) -> None:

@@ -1,0 +1,52 @@
+"""Structured logs: every record carries the task UUID being handled (a context variable set
+where a task enters: the dispatcher, the worker, the engine's outcome sink), and can be written
+as one JSON object per line for log collectors (`IMPASTO_LOG_FORMAT=json`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+current_task: ContextVar[str | None] = ContextVar("impasto_task_uuid", default=None)
+
+
+class TaskContextFilter(logging.Filter):
+    """Adds `task_uuid` to every record (`-` outside a task)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.task_uuid = current_task.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, task, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "task": getattr(record, "task_uuid", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Root logging for the CLI: text for a terminal, JSON for collectors."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TaskContextFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(task_uuid)s] %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
