@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -804,3 +805,24 @@ def test_redis_sweep_leaves_no_keys_behind_and_runs_in_batches(
 
     assert redis_backend.run(body) == 5
     assert _keys(redis_backend) == {}
+
+
+def test_sqlite_reopen_voids_the_delivery_leases_of_the_previous_process(tmp_path: Path) -> None:
+    """One process owns a SQLite file: after a restart nothing it had claimed stays hidden."""
+    path = tmp_path / "impasto.sqlite"
+    backend = Backend("sqlite", lambda: SqliteStateStore(path))
+
+    async def claim(store: Store) -> list[str]:
+        await store.create_task(task(TASK_A))
+        await store.add_result(result(0, TASK_A), [delivery("d1", TASK_A, next_attempt_at=0.0)])
+        claimed = await store.claim_deliveries(time.time(), limit=10, lease_s=3600.0)
+        # Within the same process the lease holds.
+        assert await store.claim_deliveries(time.time(), limit=10, lease_s=60.0) == []
+        return [d.delivery_id for d in claimed]
+
+    async def after_restart(store: Store) -> list[str]:
+        claimed = await store.claim_deliveries(time.time(), limit=10, lease_s=60.0)
+        return [d.delivery_id for d in claimed]
+
+    assert backend.run(claim) == ["d1"]
+    assert backend.run(after_restart) == ["d1"]
