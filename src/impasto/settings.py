@@ -51,6 +51,9 @@ class Settings(BaseSettings):
 
     # Requests
     max_body_bytes: int = 32 * 1024 * 1024
+    max_queued_images: int = Field(
+        default=10_000, description="per model; more gets HTTP 429 rateLimitExceeded"
+    )
     sync_timeout_s: float = 300.0
     ws_idle_timeout_s: float = 120.0
     ws_session_ttl_s: float = 120.0

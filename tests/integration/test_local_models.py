@@ -168,3 +168,29 @@ def test_metrics_count_tasks_and_batches(server: RunningServer) -> None:
     assert 'impasto_tasks_total{outcome="invalidWidth",task_type="imageInference"} 1.0' in text
     assert 'impasto_batch_size_count{model="impasto:tiny@1"}' in text
     assert "impasto_queued_jobs 0.0" in text
+
+
+def test_a_full_queue_answers_429_and_accepts_the_same_task_later(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    gate = Gate()
+    server: RunningServer = server_factory(models=gate.models_file(tmp_path), max_queued_images=2)
+    runtime = server.runtime()
+    later = task()
+    with gate.hold():
+        server.post([task(deliveryMethod="async")])
+        gate.wait_held(1)  # running, so not waiting
+        assert server.post([task(deliveryMethod="async", numberResults=2)]).status_code == 200
+        wait_until(lambda: runtime.scheduler.queued() == 2)
+
+        refused = server.post([later])
+
+        assert refused.status_code == 429
+        error = refused.json()["errors"][0]
+        assert error["code"] == "rateLimitExceeded"
+        assert error["taskUUID"] == later["taskUUID"]
+    wait_until(lambda: runtime.scheduler.queued() == 0)
+    # Nothing was accepted: the same taskUUID goes through once there is room.
+    accepted = server.post([later])
+    assert accepted.status_code == 200, accepted.text
+    assert len(accepted.json()["data"]) == 1

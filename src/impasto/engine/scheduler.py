@@ -113,7 +113,11 @@ class Scheduler:
         lane = self._lanes.get(air)
         return lane.backend if lane else None
 
-    def queued(self) -> int:
+    def queued(self, air: str | None = None) -> int:
+        """Jobs waiting (not yet running), for one model or all."""
+        if air is not None:
+            lane = self._lanes.get(air)
+            return len(lane.waiting) if lane else 0
         return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def _start_lane(self, lane: _Lane) -> None:

@@ -11,6 +11,7 @@
     │   └── ContentBlocked           safety.blockContent flagged the input
     ├── ConflictTaskUUID             the taskUUID was used before (400)
     ├── TaskNotFound                 getResponse for an unknown or expired task (404)
+    ├── QueueFull                    too many images waiting; retry later (429)
     ├── ProviderError                a provider (Runway, ...) failed or refused (502)
     │   ├── ProviderNotConfigured    no credentials for the provider (503)
     │   ├── ProviderKeyRejected      the provider refused our credentials (502)
@@ -131,6 +132,13 @@ class ConflictTaskUUID(ImpastoError):
 class TaskNotFound(ImpastoError):
     code = "taskNotFound"
     http_status = 404
+
+
+class QueueFull(ImpastoError):
+    # compat: the SDKs retry a 429 with backoff; nothing was accepted, so the same taskUUID
+    # is still free when they do.
+    code = "rateLimitExceeded"
+    http_status = 429
 
 
 class ProviderError(ImpastoError):

@@ -28,6 +28,7 @@ from impasto.protocol.errors import (
     ImpastoError,
     InferenceError,
     InvalidParameter,
+    QueueFull,
     SyncTimeout,
     UploadFailed,
 )
@@ -106,6 +107,7 @@ class InferenceService:
         safety: ContentSafety,
         guard: OutboundGuard,
         queue: JobQueue | None = None,
+        max_queued: int | None = None,
     ) -> None:
         self._registry = registry
         self._state = state
@@ -120,6 +122,7 @@ class InferenceService:
         self._guard = guard
         # Set on API nodes of a distributed deployment: workers run the jobs.
         self._queue = queue
+        self._max_queued = max_queued
         self._wake_outbox: Callable[[], None] = lambda: None
         self._schedulers = frozenset(known_schedulers())
 
@@ -151,6 +154,7 @@ class InferenceService:
                 "or send a new taskUUID.",
                 parameter="taskUUID",
             )
+        await self._check_capacity(resolved, task.numberResults)
         await self._vet_destinations(task)
         references = await self._references(task)
         await self._safety.screen_input(task, references)
@@ -166,6 +170,21 @@ class InferenceService:
         )
         await self._state.create_task(record)
         await self._schedule(task, resolved, references, seeds, range(task.numberResults))
+
+    async def _check_capacity(self, resolved: ResolvedModel, images: int) -> None:
+        """Refuse (before accepting anything) when the model's queue is full."""
+        if self._max_queued is None:
+            return
+        air = resolved.target.air
+        waiting = (
+            await self._queue.depth(air) if self._queue is not None else self._scheduler.queued(air)
+        )
+        if waiting + images > self._max_queued:
+            raise QueueFull(
+                f"Model {resolved.requested.air} has {waiting} images waiting, the most this "
+                "server queues; retry later.",
+                parameter="model",
+            )
 
     async def _vet_destinations(self, task: ImageInferenceIn) -> None:
         """webhookURL and uploadEndpoint go through the outbound guard at submit time too."""

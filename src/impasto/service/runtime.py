@@ -207,6 +207,7 @@ class Runtime:
             safety=await load_content_safety(settings),
             guard=guard,
             queue=queue if role == "api" else None,
+            max_queued=settings.max_queued_images,
         )
         outbox = Outbox(
             state,

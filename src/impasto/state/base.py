@@ -158,5 +158,8 @@ class JobQueue(Protocol):
     async def ack(self, job: QueuedJob) -> None:
         """The job's outcome is stored: forget it."""
 
+    async def depth(self, air: str) -> int:
+        """Jobs of a model not yet acknowledged (waiting or running)."""
+
     async def close(self) -> None:
         """Release connections."""
