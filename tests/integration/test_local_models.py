@@ -3,6 +3,7 @@ path, and the clear error when a hub model's weights are not available offline."
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 import uuid
@@ -105,7 +106,7 @@ def test_number_results_are_split_into_batches_by_model_limit(
 
 def test_model_search_lists_configured_models(server: RunningServer) -> None:
     reply = server.post(
-        [{"taskType": "modelSearch", "taskUUID": str(uuid.uuid4()), "search": "tiny"}]
+        [{"taskType": "modelSearch", "taskUUID": str(uuid.uuid4()), "search": "tiny@"}]
     ).json()
     result = reply["data"][0]
     assert result["taskType"] == "modelSearch"
@@ -194,3 +195,28 @@ def test_a_full_queue_answers_429_and_accepts_the_same_task_later(
     accepted = server.post([later])
     assert accepted.status_code == 200, accepted.text
     assert len(accepted.json()["data"]) == 1
+
+
+def test_reference_images_are_image_prompts_on_a_model_with_an_ip_adapter(
+    server: RunningServer,
+) -> None:
+    def generate(colour: str) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.new("RGB", (96, 64), colour).save(buffer, format="PNG")
+        reference = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = server.post(
+            [task(model="impasto:tiny-ip@1", seed=5, referenceImages=[reference])]
+        ).json()
+        assert "errors" not in reply, reply
+        return pixels(reply["data"][0])
+
+    red, blue = generate("red"), generate("blue")
+
+    assert red.shape == (128, 192, 3)
+    # Same seed and prompt: only the image prompt differs, and it shows.
+    assert np.abs(red - blue).mean() > 0.05
+    backend = server.runtime().scheduler.backend_of("impasto:tiny-ip@1")
+    replica = next(iter(backend._replicas.values()))
+    assert replica.pipeline.image_encoder is not None
+    # The image prompt path, not img2img.
+    assert replica.img2img is None

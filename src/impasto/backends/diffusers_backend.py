@@ -12,8 +12,10 @@ apart). Models whose settings say `batch_invariant = true` run every call at the
 size, padding with throw-away samples: the shape never changes, and an image is then
 bit-identical whether it was batched or alone, at the price of full-batch work at low load.
 
-Reference images take the img2img path of the same components
-(`AutoPipelineForImage2Image.from_pipe`), conditioned on the first reference.
+Reference images: with an IP-Adapter configured for the model (settings `ip_adapter = {path,
+subfolder, weight_name, scale}`), the first reference is an image prompt to the text-to-image
+pipeline; otherwise they take the img2img path of the same components
+(`AutoPipelineForImage2Image.from_pipe`), starting from the first reference.
 
 A CUDA out-of-memory error splits the batch in halves and retries each (the worker never dies
 of it); the size that failed is remembered so later batches of that shape start smaller.
@@ -115,6 +117,8 @@ class DiffusersBackend:
         self._max_batch_pixels = int(self._settings.get("max_batch_pixels", 4 * 1024 * 1024))
         self._batch_invariant = bool(self._settings.get("batch_invariant", False))
         self._compile = bool(self._settings.get("compile", False))
+        adapter = self._settings.get("ip_adapter")
+        self._ip_adapter: Mapping[str, Any] | None = adapter if isinstance(adapter, dict) else None
         self._replicas: dict[str, _Replica] = {}
         self._oom_limits: dict[tuple[int, int], int] = {}
         self._idle: asyncio.Queue[DeviceWorker] | None = None
@@ -129,6 +133,11 @@ class DiffusersBackend:
     # -- batching -------------------------------------------------------------------------
 
     def batch_key(self, job: GenerationJob) -> Hashable:
+        # An IP-Adapter call takes one image prompt for the whole batch: only jobs with the
+        # same reference (the images of one task) share a call.
+        reference: Hashable = bool(job.reference_images)
+        if self._ip_adapter is not None and job.reference_images:
+            reference = id(job.reference_images[0].image)
         return (
             job.width,
             job.height,
@@ -136,7 +145,7 @@ class DiffusersBackend:
             job.cfg_scale,
             job.scheduler,
             job.strength,
-            bool(job.reference_images),
+            reference,
         )
 
     def batch_limit(self, job: GenerationJob) -> int:
@@ -244,7 +253,10 @@ class DiffusersBackend:
             "generator": [torch.Generator(device=generator_device).manual_seed(s) for s in seeds],
             "output_type": "pil",
         }
-        if first.reference_images:
+        if first.reference_images and self._ip_adapter is not None:
+            kwargs["width"], kwargs["height"] = width, height
+            kwargs["ip_adapter_image"] = [first.reference_images[0].image.convert("RGB")]
+        elif first.reference_images:
             pipeline = self._image_to_image(replica)
             strength = first.strength if first.strength is not None else DEFAULT_STRENGTH
             # img2img runs int(steps * strength) steps; keep at least one.
@@ -337,6 +349,8 @@ class DiffusersBackend:
             ) from None
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(device)
+        if self._ip_adapter is not None:
+            self._load_ip_adapter(pipeline)
         size_bytes = 0
         for name in pipeline.components:
             module = getattr(pipeline, name, None)
@@ -358,6 +372,31 @@ class DiffusersBackend:
             time.monotonic() - started,
         )
         return replica
+
+    def _load_ip_adapter(self, pipeline: Any) -> None:
+        adapter = self._ip_adapter or {}
+        if not hasattr(pipeline, "load_ip_adapter"):
+            raise ModelUnavailable(
+                f"Model {self.entry.air} is configured with an IP-Adapter, but its pipeline "
+                f"({type(pipeline).__name__}) cannot load one.",
+                parameter="model",
+            )
+        try:
+            pipeline.load_ip_adapter(
+                str(adapter["path"]),
+                subfolder=str(adapter.get("subfolder", "models")),
+                weight_name=str(adapter["weight_name"]),
+                image_encoder_folder=adapter.get("image_encoder_folder", "image_encoder"),
+                local_files_only=self._offline,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot load the IP-Adapter of %s: %s", self.entry.air, exc)
+            raise ModelUnavailable(
+                f"The IP-Adapter configured for model {self.entry.air} "
+                f"({adapter.get('path')}) could not be loaded.",
+                parameter="model",
+            ) from None
+        pipeline.set_ip_adapter_scale(float(adapter.get("scale", 0.6)))
 
     def _compile_denoiser(self, pipeline: Any) -> None:
         import torch

@@ -5,7 +5,7 @@ given by import path (`backend = "package.module:Class"`), constructed as Class(
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,21 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
         from impasto.backends.diffusers_backend import DiffusersBackend
 
         if kind == "tiny":
-            from impasto.backends.tiny import ensure_tiny_pipeline
+            from impasto.backends.tiny import (
+                TINY_IP_ADAPTER,
+                ensure_tiny_ip_adapter,
+                ensure_tiny_pipeline,
+            )
 
-            source: str | Path = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
+            pipeline_dir = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
+            source: str | Path = pipeline_dir
+            adapter = entry.settings.get("ip_adapter")
+            if isinstance(adapter, dict) and adapter.get("path") == TINY_IP_ADAPTER:
+                built = ensure_tiny_ip_adapter(context.models_dir / TINY_IP_ADAPTER, pipeline_dir)
+                entry = replace(
+                    entry,
+                    settings={**entry.settings, "ip_adapter": {**adapter, "path": str(built)}},
+                )
         else:
             source = entry.path or ""
         # One replica per device: the lane then runs one batch per device at a time.

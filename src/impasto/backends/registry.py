@@ -96,6 +96,28 @@ def _builtin_entries() -> list[ModelEntry]:
             settings={"steps": 2, "guidance_scale": 2.0},
         ),
         ModelEntry(
+            air="impasto:tiny-ip@1",
+            name="impasto tiny with a tiny IP-Adapter (reference images as image prompts)",
+            architecture="sd1x",
+            backend="tiny",
+            rules=ModelRules(
+                air="impasto:tiny-ip@1",
+                sizes=_any_size((512, 512)),
+                parameters=local - {"strength"},
+                max_reference_images=1,
+            ),
+            settings={
+                "steps": 2,
+                "guidance_scale": 2.0,
+                "ip_adapter": {
+                    "path": "impasto-tiny-ip-adapter",
+                    "subfolder": "models",
+                    "weight_name": "ip-adapter_tiny.safetensors",
+                    "scale": 0.6,
+                },
+            },
+        ),
+        ModelEntry(
             air="runway:4@1",
             name="Runway Gen-4 Image",
             architecture="runway-gen4-image",

@@ -151,3 +151,75 @@ def ensure_tiny_pipeline(directory: Path) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+TINY_IP_ADAPTER = "impasto-tiny-ip-adapter"
+TINY_IP_ADAPTER_WEIGHTS = "ip-adapter_tiny.safetensors"
+
+
+def _build_ip_adapter(directory: Path, pipeline_dir: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(20261128)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    cross = int(unet.config.cross_attention_dim)
+    channels = list(unet.config.block_out_channels)
+    embed_dim = 32
+    models = directory / "models"
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+            projection_dim=embed_dim,
+        )
+    )
+    encoder.save_pretrained(models / "image_encoder")
+    # The layout diffusers' load_ip_adapter reads: an image projection to 4 extra tokens, and
+    # key/value projections for every cross-attention layer, numbered 1, 3, 5, ...
+    tensors = {
+        "image_proj.proj.weight": torch.randn(cross * 4, embed_dim) * 0.02,
+        "image_proj.proj.bias": torch.zeros(cross * 4),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for projection in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{key_id}.{projection}.weight"] = torch.randn(hidden, cross) * 0.02
+        key_id += 2
+    save_file(tensors, str(models / TINY_IP_ADAPTER_WEIGHTS))
+
+
+def ensure_tiny_ip_adapter(directory: Path, pipeline_dir: Path) -> Path:
+    """A tiny IP-Adapter (image encoder and adapter weights, random) for the tiny pipeline, in
+    the layout of a real one, so the IP-Adapter path of diffusers runs offline too."""
+    marker = directory / _MARKER
+    if marker.exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-ip-", dir=directory.parent))
+    try:
+        _build_ip_adapter(staging, pipeline_dir)
+        (staging / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
