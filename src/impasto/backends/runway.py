@@ -48,33 +48,15 @@ from impasto.protocol.errors import (
     ProviderRateLimited,
     ProviderTimeout,
 )
+from impasto.protocol.rules import RUNWAY_SIZES
 from impasto.protocol.tasks import RUNWAY_TAG
 
 log = logging.getLogger("impasto.backends.runway")
 
 RUNWAY_VERSION = "2024-11-06"
 RUNWAY_MODELS = frozenset({"gen4_image", "gen4_image_turbo"})
-# Runway's `ratio` enum: the output size in pixels, W:H.
-RUNWAY_RATIOS = frozenset(
-    {
-        "1024:1024",
-        "1080:1080",
-        "1168:880",
-        "1360:768",
-        "1440:1080",
-        "1080:1440",
-        "1808:768",
-        "1920:1080",
-        "1080:1920",
-        "2112:912",
-        "1280:720",
-        "720:1280",
-        "720:720",
-        "960:720",
-        "720:960",
-        "1680:720",
-    }
-)
+# Runway's `ratio` enum is the output size in pixels, W:H: the 16 sizes of the model's rules.
+RUNWAY_RATIOS = frozenset(f"{width}:{height}" for width, height in RUNWAY_SIZES)
 SEED_RANGE = 2**32  # Runway seeds are 0..4294967295
 DATA_URI_LIMIT = 5 * 1024 * 1024  # the whole `data:image/...;base64,...` string
 HTTPS_URI_LIMIT = 2048
