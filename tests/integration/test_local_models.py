@@ -220,3 +220,21 @@ def test_reference_images_are_image_prompts_on_a_model_with_an_ip_adapter(
     assert replica.pipeline.image_encoder is not None
     # The image prompt path, not img2img.
     assert replica.img2img is None
+
+
+def test_a_task_that_cannot_be_scheduled_ends_with_an_error_instead_of_hanging(
+    server: RunningServer, monkeypatch: Any
+) -> None:
+    runtime = server.runtime()
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("queue unreachable")
+
+    monkeypatch.setattr(runtime.scheduler, "submit", broken)
+    body = task(numberResults=2, deliveryMethod="async")
+
+    server.post([body])
+    items = server.post([poll(body)]).json()["data"]
+
+    assert [item["status"] for item in items] == ["error", "error"]
+    assert items[0]["error"]["code"] == "inferenceError"

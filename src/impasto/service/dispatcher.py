@@ -63,10 +63,10 @@ class Envelope:
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {}
-        if self.data:
+        if self.data or not self.errors:
             body["data"] = self.data
-        if self.errors or not self.data:
-            body["errors" if self.errors else "data"] = [e.to_item() for e in self.errors]
+        if self.errors:
+            body["errors"] = [e.to_item() for e in self.errors]
         return body
 
 

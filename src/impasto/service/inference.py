@@ -169,7 +169,19 @@ class InferenceService:
             extra={"seeds": seeds},
         )
         await self._state.create_task(record)
-        await self._schedule(task, resolved, references, seeds, range(task.numberResults))
+        try:
+            await self._schedule(task, resolved, references, seeds, range(task.numberResults))
+        except Exception:
+            # Accepted but not handed on (e.g. the queue is unreachable): end the task with an
+            # error rather than leave it processing forever.
+            log.exception("scheduling task %s failed", task.taskUUID)
+            failure = InferenceError("The task was accepted but could not be scheduled.")
+            error = failure.for_task(TASK_TYPE, task.taskUUID).to_item()
+            for index in range(task.numberResults):
+                await self._state.add_result(
+                    ResultRecord(task.taskUUID, index, "error", error, time.time())
+                )
+            await self.maybe_finish(task.taskUUID)
 
     async def _check_capacity(self, resolved: ResolvedModel, images: int) -> None:
         """Refuse (before accepting anything) when the model's queue is full."""
