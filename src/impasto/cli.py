@@ -148,7 +148,10 @@ def worker(
             loop.add_signal_handler(sig, stop.set)
         async with Runtime.start(settings, role="worker") as runtime:
             assert runtime.worker is not None
-            tasks = [asyncio.create_task(runtime.worker.run())]
+            # Supervised: a worker loop that crashes is started again (and /healthz says so
+            # meanwhile); the runtime's teardown stops it.
+            runtime.supervisor.start("worker", runtime.worker.run)
+            tasks: list[asyncio.Task[None]] = []
             http = None
             if settings.worker_port:
                 import uvicorn
@@ -170,7 +173,7 @@ def worker(
             await stop.wait()
             if http is not None:
                 http.should_exit = True
-            tasks[0].cancel()
+            await runtime.supervisor.close()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())

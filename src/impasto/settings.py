@@ -54,9 +54,28 @@ class Settings(BaseSettings):
     max_queued_images: int = Field(
         default=10_000, description="per model; more gets HTTP 429 rateLimitExceeded"
     )
+    max_tasks_per_request: int = Field(
+        default=100, ge=1, description="tasks in one REST request or one WebSocket frame"
+    )
+    max_unauthenticated_body_bytes: int = Field(
+        default=1024 * 1024,
+        description="with API keys set, a body without a Bearer header is read up to this much "
+        "before its authentication task is checked",
+    )
     sync_timeout_s: float = 300.0
     ws_idle_timeout_s: float = 120.0
     ws_session_ttl_s: float = 120.0
+    ws_send_timeout_s: float = Field(
+        default=30.0, gt=0, description="a client that takes longer to read a frame is dropped"
+    )
+    ws_max_sessions: int = Field(default=10_000, ge=1, description="WebSocket sessions at once")
+    ws_session_buffer_bytes: int = Field(
+        default=64 * 1024 * 1024, description="frames kept for a detached session, in bytes"
+    )
+    ws_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser Origins allowed on WebSocket (* for any); same-host is always allowed",
+    )
 
     # Retention
     output_retention_s: int = 7 * 24 * 3600
@@ -184,7 +203,9 @@ class Settings(BaseSettings):
     )
     # --- end of image storage -------------------------------------------------------------------
 
-    @field_validator("api_keys", "devices", "preload", "worker_models", mode="before")
+    @field_validator(
+        "api_keys", "devices", "preload", "worker_models", "ws_allowed_origins", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

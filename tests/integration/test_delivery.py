@@ -14,6 +14,7 @@ from PIL import Image
 
 from impasto.delivery.outbox import SIGNATURE_HEADER, verify_signature
 from tests.conftest import LoopbackHTTP, Recorded, RunningServer
+from tests.failing_backend import failing_models_file
 
 FAST_RETRIES: dict[str, Any] = {
     "delivery_base_delay_s": 0.02,
@@ -165,10 +166,10 @@ def test_webhook_receiver_that_hangs_past_the_read_timeout_is_retried(
 def test_webhook_fires_for_a_failed_task_with_errors(
     server_factory: Any, loopback_http: LoopbackHTTP, tmp_path: Any
 ) -> None:
-    # runway:4@1 without a Runway key fails after acceptance: a task-level error.
-    server = server_factory(**FAST_RETRIES)
+    # A backend that fails every generation after acceptance: a task-level error.
+    server = server_factory(models=failing_models_file(tmp_path), **FAST_RETRIES)
     loopback_http.routes["/hook"] = (200, "text/plain", b"ok")
-    body = task(model="runway:4@1", width=1024, height=1024, webhookURL=loopback_http.url("/hook"))
+    body = task(webhookURL=loopback_http.url("/hook"))
     body["deliveryMethod"] = "async"
     server.post([body])
     wait_for(lambda: any(r.path == "/hook" for r in loopback_http.requests))

@@ -73,6 +73,11 @@ def _image(item: dict[str, Any]) -> Image.Image:
     return Image.open(io.BytesIO(response.content))
 
 
+# A failure after the task was accepted is the task's outcome: HTTP 200 carrying the error
+# item, so that runware-sdk does not retry it into conflictTaskUUID (docs/delivery.md).
+ACCEPTED = 200
+
+
 def _error(server: RunningServer, task: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     response = server.post([task])
     body = response.json()
@@ -260,24 +265,24 @@ def test_bad_tag_is_refused_at_submit_without_calling_runway(
 
 
 @pytest.mark.parametrize(
-    ("failure_code", "code", "status"),
+    ("failure_code", "code"),
     [
-        ("SAFETY.INPUT.TEXT", "invalidProviderContent", 400),
-        ("SAFETY.OUTPUT.IMAGE", "invalidProviderContent", 400),
-        ("INPUT_PREPROCESSING.SAFETY.TEXT", "invalidProviderContent", 400),
-        ("ASSET.INVALID", "invalidReferenceImages", 400),
-        ("INTERNAL.BAD_OUTPUT.CODE01", "providerError", 502),
-        ("INTERNAL", "providerError", 502),
+        ("SAFETY.INPUT.TEXT", "invalidProviderContent"),
+        ("SAFETY.OUTPUT.IMAGE", "invalidProviderContent"),
+        ("INPUT_PREPROCESSING.SAFETY.TEXT", "invalidProviderContent"),
+        ("ASSET.INVALID", "invalidReferenceImages"),
+        ("INTERNAL.BAD_OUTPUT.CODE01", "providerError"),
+        ("INTERNAL", "providerError"),
     ],
 )
 def test_failed_runway_task_becomes_an_error_item(
-    server_factory: Any, runway: RunwayDouble, failure_code: str, code: str, status: int
+    server_factory: Any, runway: RunwayDouble, failure_code: str, code: str
 ) -> None:
     runway.script.failure_code = failure_code
     server = _server(server_factory, runway)
     task = _task()
     http_status, error = _error(server, task)
-    assert (http_status, error["code"]) == (status, code)
+    assert (http_status, error["code"]) == (ACCEPTED, code)
     assert error["taskUUID"] == task["taskUUID"]
     assert error["taskType"] == "imageInference"
     assert RAW_FAILURE_TEXT not in json.dumps(error)
@@ -290,7 +295,7 @@ def test_task_cancelled_at_runway_is_a_provider_error(
     runway.script.cancelled = True
     server = _server(server_factory, runway)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (502, "providerError")
+    assert (status, error["code"]) == (ACCEPTED, "providerError")
     assert len(runway.creates) == 1
 
 
@@ -301,7 +306,7 @@ def test_output_that_cannot_be_downloaded_is_a_provider_error(
     runway.script.output_status = output_status
     server = _server(server_factory, runway)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (502, "providerError")
+    assert (status, error["code"]) == (ACCEPTED, "providerError")
     assert len([c for c in runway.calls if c.path.startswith("/outputs/")]) == downloads
     assert len(runway.creates) == 1
 
@@ -339,7 +344,7 @@ def test_refused_create_becomes_an_error_item_and_is_retried_only_on_429(
 def test_wrong_key_is_rejected_by_runway(server_factory: Any, runway: RunwayDouble) -> None:
     server = _server(server_factory, runway, runway_api_secret="key_" + "f" * 128)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (502, "invalidProviderApiKey")
+    assert (status, error["code"]) == (ACCEPTED, "invalidProviderApiKey")
     assert "key_" not in error["message"]
 
 
@@ -356,7 +361,7 @@ def test_create_timeout_is_not_retried(server_factory: Any, runway: RunwayDouble
     runway.script.create_hold = threading.Event()
     server = _server(server_factory, runway, runway_request_timeout_s=0.3)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (504, "timeoutProvider")
+    assert (status, error["code"]) == (ACCEPTED, "timeoutProvider")
     assert len(runway.creates) == 1
 
 
@@ -379,7 +384,7 @@ def test_runways_validation_issue_names_our_parameter(
     url = _reference(loopback_http, "ref")
     task = _task(inputs={"referenceImages": [{"image": url, "tag": "EiffelTower"}]})
     status, error = _error(server, task)
-    assert status == 400
+    assert status == ACCEPTED
     assert error["code"] == "invalidReferenceImages"
     assert error["parameter"] == "inputs.referenceImages[0].tag"
     assert runway.tasks == {}
@@ -391,7 +396,7 @@ def test_task_deleted_at_runway_is_a_provider_error(
     runway.script.poll_status = 404
     server = _server(server_factory, runway)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (502, "providerError")
+    assert (status, error["code"]) == (ACCEPTED, "providerError")
     assert len(runway.creates) == 1
     assert len(runway.polls()) == 1
 
@@ -422,7 +427,7 @@ def test_task_throttled_past_the_task_timeout_is_cancelled(
     runway.hold = True  # stays THROTTLED
     server = _server(server_factory, runway, runway_task_timeout_s=0.3)
     status, error = _error(server, _task())
-    assert (status, error["code"]) == (504, "timeoutProvider")
+    assert (status, error["code"]) == (ACCEPTED, "timeoutProvider")
     (task,) = runway.tasks.values()
     assert task.deleted
     assert [c.path for c in runway.deletes()] == [f"/v1/tasks/{task.id}"]

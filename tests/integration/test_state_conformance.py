@@ -3,7 +3,8 @@ RedisStateStore on a real redis-server (each test on its own key prefix).
 
 What a StateStore user can observe must not depend on the implementation: records read back
 as written, the taskUUID conflict, the once-only writes (add_result per index, finish_task,
-settle_delivery) with the deliveries they queue, delivery leases, expiry and sweeping."""
+settle_delivery) with the deliveries they queue, delivery leases, expiry and sweeping, and
+the health of the store: ping, and StorageFull (not a driver error) when it is full."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from impasto.protocol.errors import ConflictTaskUUID
+from impasto.protocol.errors import ConflictTaskUUID, StorageFull
 from impasto.state import redis_store
 from impasto.state.records import (
     DeliveryRecord,
@@ -50,6 +51,8 @@ class Backend:
     make: Callable[[], Store]
     server: RedisServer | None = None
     prefix: str = ""
+    # Makes the backing refuse writes for lack of space until the context exits.
+    full: Callable[[Store], AbstractAsyncContextManager[None]] | None = None
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[Store]:
@@ -68,17 +71,49 @@ class Backend:
         return asyncio.run(main())
 
 
+def _redis_full(server: RedisServer) -> Callable[[Store], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def full(store: Store) -> AsyncIterator[None]:
+        # maxmemory below what Redis already uses: every write is refused with OOM, as when
+        # a real Redis without eviction fills up.
+        admin = redis.Redis(port=server.port)
+        before = admin.config_get("maxmemory")["maxmemory"]
+        admin.config_set("maxmemory", 1)
+        try:
+            yield
+        finally:
+            admin.config_set("maxmemory", before)
+            admin.close()
+
+    return full
+
+
+@asynccontextmanager
+async def _sqlite_full(store: Store) -> AsyncIterator[None]:
+    # SQLite's own size cap fails writes with SQLITE_FULL, exactly like a full disk.
+    assert isinstance(store, SqliteStateStore)
+    db = store._db
+    pages = await store._run(lambda: db.execute("PRAGMA page_count").fetchone()[0])
+    await store._run(lambda: db.execute(f"PRAGMA max_page_count = {pages}"))
+    try:
+        yield
+    finally:
+        await store._run(lambda: db.execute("PRAGMA max_page_count = 1073741823"))
+
+
 def _redis_backend(server: RedisServer) -> Backend:
     # A fresh prefix per test: no flush, so nothing else on the server is disturbed.
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    return Backend("redis", lambda: RedisStateStore(server.url, prefix), server, prefix)
+    return Backend(
+        "redis", lambda: RedisStateStore(server.url, prefix), server, prefix, _redis_full(server)
+    )
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         path = tmp_path / "state" / "impasto.sqlite"
-        return Backend("sqlite", lambda: SqliteStateStore(path))
+        return Backend("sqlite", lambda: SqliteStateStore(path), full=_sqlite_full)
     return _redis_backend(request.getfixturevalue("redis_server"))
 
 
@@ -654,7 +689,7 @@ def test_sweep_removes_old_finished_tasks_with_their_results_and_settled_deliver
         await store.finish_task(TASK_A, "success", None, 1000.0)
         await store.finish_task(TASK_B, "success", None, 2000.0)
         swept = await store.sweep_tasks(finished_before=2000.0)
-        state = {}
+        state: dict[str, Any] = {}
         for uuid_ in (TASK_A, TASK_B, TASK_C):
             state[uuid_] = (
                 await store.get_task(uuid_) is not None,
@@ -732,10 +767,69 @@ def test_store_used_before_open_says_so(backend: Backend) -> None:
         try:
             with pytest.raises(RuntimeError, match="before open"):
                 await store.get_task(TASK_A)
+            with pytest.raises(RuntimeError, match="before open"):
+                await store.ping()
         finally:
             await store.close()
 
     asyncio.run(main())
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def test_ping_answers_on_an_open_store(backend: Backend) -> None:
+    async def body(store: Store) -> TaskRecord | None:
+        # Twice, then a write: a ping leaves nothing (no lock, no transaction) in the way.
+        await store.ping()
+        await store.ping()
+        await store.create_task(task(TASK_A))
+        return await store.get_task(TASK_A)
+
+    assert backend.run(body) == task(TASK_A)
+
+
+def test_a_full_store_raises_storage_full_on_writes_and_works_again_once_there_is_room(
+    backend: Backend,
+) -> None:
+    # Big enough that no write fits in the free space of pages SQLite already has.
+    big = {"taskType": "imageInference", "positivePrompt": "x" * 200_000}
+    big_result = replace(result(0), item={**result(0).item, "note": "x" * 200_000})
+    big_image = replace(image("img-0", 9000.0), key="x" * 200_000)
+
+    async def body(store: Store) -> dict[str, Any]:
+        assert backend.full is not None
+        await store.create_task(task(TASK_A))
+        refused: dict[str, StorageFull] = {}
+        async with backend.full(store):
+            for name, write in (
+                ("create_task", lambda: store.create_task(task(TASK_B, request=big))),
+                ("add_result", lambda: store.add_result(big_result, [delivery("d-1")])),
+                ("put_image", lambda: store.put_image(big_image)),
+            ):
+                with pytest.raises(StorageFull) as caught:
+                    await write()
+                refused[name] = caught.value
+            # Reads go on while writes are refused.
+            during = await store.get_task(TASK_A)
+        await store.create_task(task(TASK_B, request=big))
+        return {
+            "codes": {name: error.code for name, error in refused.items()},
+            "messages_name_the_store": all(
+                e.message.startswith("The state store (") for e in refused.values()
+            ),
+            "read_during": during,
+            "after": (await store.get_task(TASK_B) or task()).request,
+            "nothing_half_written": (await store.results(TASK_A), await store.get_image("img-0")),
+        }
+
+    assert backend.run(body) == {
+        "codes": dict.fromkeys(("create_task", "add_result", "put_image"), "storageFull"),
+        "messages_name_the_store": True,
+        "read_during": task(TASK_A),
+        "after": big,
+        "nothing_half_written": ([], None),
+    }
 
 
 # -- Redis only: the key layout and its hygiene --------------------------------------------------

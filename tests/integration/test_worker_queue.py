@@ -10,7 +10,7 @@ from typing import Any
 
 from impasto.service.worker import Worker
 from impasto.state.base import QueuedJob
-from impasto.state.records import TaskRecord
+from impasto.state.records import ResultRecord, TaskRecord
 from impasto.state.redis_queue import RedisJobQueue
 from impasto.state.redis_store import RedisStateStore
 from tests.services import RedisServer
@@ -67,7 +67,8 @@ def test_touch_renews_the_lease_of_a_job_still_in_hand(redis_server: RedisServer
 class RecordingInference:
     """Stands in for InferenceService: records what the worker asks of it."""
 
-    def __init__(self, expect_jobs: int = 0) -> None:
+    def __init__(self, expect_jobs: int = 0, state: RedisStateStore | None = None) -> None:
+        self._state = state
         self.executed: list[list[QueuedJob]] = []
         self.finished: list[str] = []
         self._expect_jobs = expect_jobs
@@ -84,6 +85,14 @@ class RecordingInference:
     async def maybe_finish(self, task_uuid: str) -> None:
         self.finished.append(task_uuid)
         self.any_finished.set()
+
+    async def fail_missing(self, task_uuid: str, indices: list[int], error: Any) -> None:
+        assert self._state is not None
+        for index in indices:
+            await self._state.add_result(
+                ResultRecord(task_uuid, index, "error", error.to_item(), time.time())
+            )
+        await self.maybe_finish(task_uuid)
 
 
 def test_a_job_whose_workers_keep_dying_fails_instead_of_killing_the_next(
@@ -107,7 +116,7 @@ def test_a_job_whose_workers_keep_dying_fails_instead_of_killing_the_next(
             assert len(taken) == 1
             await doomed.close()
             await asyncio.sleep(0.1)
-        inference = RecordingInference()
+        inference = RecordingInference(state=state)
         survivor = Worker(
             queue(redis_server, prefix, "w4"),
             inference,

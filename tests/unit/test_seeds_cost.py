@@ -10,7 +10,7 @@ import pytest
 
 from impasto.backends.registry import ModelRegistry
 from impasto.protocol.rules import RUNWAY_SIZES, PriceTable
-from impasto.service.inference import seeds_for
+from impasto.service.jobs import seeds_for
 
 SEED_TASKS = json.loads((Path(__file__).parents[1] / "data" / "seed-tasks.json").read_text())
 
@@ -53,11 +53,14 @@ def test_given_seed_is_reproducible() -> None:
     assert seeds_for(123456789, 20) == seeds_for(123456789, 20)
 
 
-def test_random_seeds_are_distinct_non_negative_and_below_2_to_the_63() -> None:
-    seeds = seeds_for(None, 20)
-    assert len(seeds) == 20
-    assert len(set(seeds)) == 20
-    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+def test_random_seeds_are_distinct_and_exact_in_a_javascript_number() -> None:
+    # @runware/sdk-js parses seeds as doubles: beyond 2**53 they come back rounded.
+    seeds = [s for _ in range(50) for s in seeds_for(None, 20)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(isinstance(s, int) and 0 <= s <= 2**53 - 1 for s in seeds)
+    assert all(float(s) == s and int(float(s)) == s for s in seeds)
+    # Still spread over the whole safe range, not a small corner of it.
+    assert max(seeds) > 2**50
 
 
 def test_random_seeds_differ_between_tasks() -> None:

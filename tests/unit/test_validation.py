@@ -14,6 +14,8 @@ from impasto.backends.registry import ModelRegistry
 from impasto.protocol.errors import ImpastoError
 from impasto.protocol.rules import RUNWAY_SIZES
 from impasto.protocol.tasks import (
+    MAX_RANDOM_SEED,
+    MAX_SEED,
     ImageInferenceIn,
     TaskIn,
     check_against_rules,
@@ -48,6 +50,9 @@ TINY: dict[str, Any] = {**RUNWAY, "model": "impasto:tiny@1", "width": 512, "heig
 UPLOAD: dict[str, Any] = {"taskType": "imageUpload", "taskUUID": TASK_UUID, "image": REF_URL}
 GET_RESPONSE: dict[str, Any] = {"taskType": "getResponse", "taskUUID": TASK_UUID}
 AUTHENTICATION: dict[str, Any] = {"taskType": "authentication", "apiKey": "secret-key"}
+SEARCH: dict[str, Any] = {"taskType": "modelSearch", "taskUUID": TASK_UUID}
+PING: dict[str, Any] = {"taskType": "ping", "ping": True}
+HOOK = "https://example.com/hook"
 
 
 def mutated(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -220,7 +225,10 @@ REJECTED: list[Rejected] = [
     Rejected("width-zero", mutated(TINY, width=0), "invalidWidth", "width"),
     Rejected("width-negative", mutated(TINY, width=-512), "invalidWidth", "width"),
     Rejected("width-a-string", mutated(TINY, width="512"), "invalidWidth", "width"),
-    Rejected("width-a-float", mutated(TINY, width=512.0), "invalidWidth", "width"),
+    Rejected("width-a-fraction", mutated(TINY, width=512.5), "invalidWidth", "width"),
+    Rejected("width-a-bool", mutated(TINY, width=True), "invalidWidth", "width"),
+    Rejected("width-1e300", mutated(TINY, width=1e300), "invalidWidth", "width"),
+    Rejected("width-nan", mutated(TINY, width=float("nan")), "invalidWidth", "width"),
     Rejected("height-a-string", mutated(TINY, height="512"), "invalidHeight", "height"),
     # -- numberResults --
     Rejected(
@@ -504,6 +512,7 @@ REJECTED: list[Rejected] = [
     # -- keys that are not parameters at all --
     Rejected("made-up-key", mutated(RUNWAY, fooBar=1), "unknownParameter", "fooBar"),
     Rejected("made-up-key-on-tiny", mutated(TINY, colour="red"), "unknownParameter", "colour"),
+    Rejected("made-up-key-empty", mutated(TINY, **{"": 1}), "unknownParameter", "''"),
     Rejected(
         "made-up-key-under-inputs",
         mutated(TINY, inputs={"colour": "red"}),
@@ -578,6 +587,273 @@ REJECTED: list[Rejected] = [
         "apiKey",
     ),
     Rejected("ping-ping-a-string", {"taskType": "ping", "ping": "yes"}, "invalidPing", "ping"),
+    # -- URLs: a syntax check at parse time, before anything is fetched or delivered --
+    *(
+        Rejected(
+            f"webhookURL-{case}", mutated(RUNWAY, webhookURL=url), "invalidWebhookURL", "webhookURL"
+        )
+        for case, url in (
+            ("not-a-url", "hook"),
+            ("ftp-scheme", "ftp://example.com/hook"),
+            ("javascript-scheme", "javascript:alert(1)"),
+            ("unbalanced-bracket", "http://[::1"),
+            ("lone-closing-bracket", "http://]/"),
+            ("bracketed-non-ipv6", "http://[example.com]/hook"),
+            ("bad-ipv6", "http://[::g]/hook"),
+            ("bad-ipv4", "http://999.0.0.1/hook"),
+            ("without-host", "https:///hook"),
+            ("only-a-port", "https://:8080/hook"),
+            ("port-99999", "https://example.com:99999/hook"),
+            ("port-0", "https://example.com:0/hook"),
+            ("port-not-a-number", "https://example.com:https/hook"),
+            ("port-with-sign", "https://example.com:+443/hook"),
+            ("userinfo", "https://user:secret@example.com/hook"),
+            ("user-only", "https://user@example.com/hook"),
+            ("crlf", HOOK + "\r\nX-Injected: 1"),
+            ("lf-in-host", "https://exam\nple.com/hook"),
+            ("space", "https://example.com/a hook"),
+            ("tab", "https://example.com/\thook"),
+            ("nul", "https://example.com/\x00hook"),
+            ("bidi-override", "https://example.com/\u202ehook"),
+            ("host-invalid-chars", "https://exa<mple>.com/hook"),
+            ("host-empty-label", "https://example..com/hook"),
+            ("host-percent-escaped", "https://ex%41mple.com/hook"),
+            ("host-ascii-label-too-long", "https://" + "a" * 64 + ".com/hook"),
+            ("ipv6-zone-id", "http://[fe80::1%25eth0]/hook"),
+            ("junk-after-ipv6", "http://[::1]x/hook"),
+            ("host-not-idna", "https://\u2603.net/hook"),
+            ("host-label-too-long", "https://" + "\u00e9" * 64 + ".com/hook"),
+            ("lone-surrogate", "https://example.com/\ud800"),
+            ("2049-chars", HOOK + "/" + "x" * (2048 - len(HOOK))),
+        )
+    ),
+    *(
+        Rejected(
+            f"uploadEndpoint-{case}",
+            mutated(RUNWAY, uploadEndpoint=url),
+            "invalidUploadEndpoint",
+            "uploadEndpoint",
+        )
+        for case, url in (
+            ("s3-scheme", "s3://bucket/key"),
+            ("unbalanced-bracket", "https://[2001:db8::1/key"),
+            ("userinfo", "https://key:secret@bucket.example.com/key"),
+            ("crlf", "https://bucket.example.com/key\r\nHost: evil"),
+            ("port-65536", "https://bucket.example.com:65536/key"),
+        )
+    ),
+    Rejected(
+        "referenceImages-url-with-newline",
+        mutated(RUNWAY, referenceImages=[REF_URL, REF_URL + "\n"]),
+        "invalidReferenceImages",
+        "referenceImages[1].image",
+    ),
+    Rejected(
+        "referenceImages-url-unbalanced-bracket",
+        mutated(RUNWAY, referenceImages=[REF_URL, "http://[::1/ref.jpg"]),
+        "invalidReferenceImages",
+        "referenceImages[1].image",
+    ),
+    Rejected(
+        "referenceImages-object-url-with-userinfo",
+        mutated(
+            RUNWAY, referenceImages=[{"image": "https://u:p@example.com/a.jpg", "tag": "hero"}]
+        ),
+        "invalidReferenceImages",
+        "referenceImages[0].image",
+    ),
+    Rejected(
+        "referenceImages-upper-case-url-bad-port",
+        mutated(RUNWAY, referenceImages=["HTTPS://example.com:70000/a.jpg"]),
+        "invalidReferenceImages",
+        "referenceImages[0].image",
+    ),
+    Rejected(
+        "inputs-referenceImages-url-bad-port",
+        mutated(TURBO, inputs={"referenceImages": ["https://example.com:99999/a.jpg"]}),
+        "invalidReferenceImages",
+        "inputs.referenceImages[0].image",
+    ),
+    Rejected(
+        "imageUpload-url-unbalanced-bracket",
+        mutated(UPLOAD, image="http://[::1"),
+        "invalidImage",
+        "image",
+    ),
+    Rejected(
+        "imageUpload-url-with-space", mutated(UPLOAD, image=REF_URL + " x"), "invalidImage", "image"
+    ),
+    # -- every number has an upper bound and is finite --
+    Rejected("ttl-over-30-days", mutated(RUNWAY, ttl=2_592_001), "invalidTtl", "ttl"),
+    Rejected("ttl-400-digits", mutated(RUNWAY, ttl=10**400), "invalidTtl", "ttl"),
+    Rejected("ttl-1e300", mutated(RUNWAY, ttl=1e300), "invalidTtl", "ttl"),
+    Rejected("ttl-infinity", mutated(RUNWAY, ttl=float("inf")), "invalidTtl", "ttl"),
+    Rejected("ttl-a-fraction", mutated(RUNWAY, ttl=3600.5), "invalidTtl", "ttl"),
+    Rejected("tiny-seed-400-digits", mutated(TINY, seed=10**400), "invalidSeed", "seed"),
+    Rejected("tiny-seed-1e19", mutated(TINY, seed=1e19), "invalidSeed", "seed"),
+    Rejected("tiny-seed-a-fraction", mutated(TINY, seed=1.5), "invalidSeed", "seed"),
+    Rejected(
+        "tiny-CFGScale-nan", mutated(TINY, CFGScale=float("nan")), "invalidCFGScale", "CFGScale"
+    ),
+    Rejected(
+        "tiny-CFGScale-infinity",
+        mutated(TINY, CFGScale=float("inf")),
+        "invalidCFGScale",
+        "CFGScale",
+    ),
+    Rejected(
+        "tiny-CFGScale-400-digits", mutated(TINY, CFGScale=10**400), "invalidCFGScale", "CFGScale"
+    ),
+    Rejected(
+        "tiny-strength-nan", mutated(TINY, strength=float("nan")), "invalidStrength", "strength"
+    ),
+    Rejected(
+        "numberResults-400-digits",
+        mutated(RUNWAY, numberResults=10**400),
+        "invalidNumberResults",
+        "numberResults",
+    ),
+    Rejected(
+        "modelSearch-offset-over", mutated(SEARCH, offset=1_000_001), "invalidOffset", "offset"
+    ),
+    Rejected(
+        "modelSearch-offset-400-digits", mutated(SEARCH, offset=10**400), "invalidOffset", "offset"
+    ),
+    Rejected("modelSearch-offset-negative", mutated(SEARCH, offset=-1), "invalidOffset", "offset"),
+    Rejected("modelSearch-limit-101", mutated(SEARCH, limit=101), "invalidLimit", "limit"),
+    Rejected("modelSearch-limit-nan", mutated(SEARCH, limit=float("nan")), "invalidLimit", "limit"),
+    # -- every string and list has a length bound; names carry no control characters --
+    Rejected("modelSearch-51-tags", mutated(SEARCH, tags=["t"] * 51), "invalidTags", "tags"),
+    Rejected(
+        "modelSearch-tag-101-chars", mutated(SEARCH, tags=["t" * 101]), "invalidTags", "tags[0]"
+    ),
+    Rejected(
+        "modelSearch-tag-with-newline",
+        mutated(SEARCH, tags=["a", "b\nc"]),
+        "invalidTags",
+        "tags[1]",
+    ),
+    Rejected(
+        "modelSearch-search-201-chars", mutated(SEARCH, search="s" * 201), "invalidSearch", "search"
+    ),
+    *(
+        Rejected(
+            f"modelSearch-{name}-101-chars",
+            mutated(SEARCH, **{name: "c" * 101}),
+            f"invalid{name.title()}",
+            name,
+        )
+        for name in ("category", "type", "architecture", "conditioning")
+    ),
+    Rejected(
+        "modelSearch-category-with-cr",
+        mutated(SEARCH, category="lora\r"),
+        "invalidCategory",
+        "category",
+    ),
+    Rejected(
+        "referenceImages-tag-65-chars",
+        mutated(RUNWAY, referenceImages=[{"image": IMAGE_UUID, "tag": "t" * 65}]),
+        "invalidReferenceImages",
+        "referenceImages[0].tag",
+    ),
+    Rejected(
+        "referenceImages-tag-with-newline",
+        mutated(TINY, referenceImages=[{"image": IMAGE_UUID, "tag": "hero\nINFO forged"}]),
+        "invalidReferenceImages",
+        "referenceImages[0].tag",
+    ),
+    Rejected(
+        "safety-mode-51-chars",
+        mutated(RUNWAY, safety={"mode": "m" * 51}),
+        "invalidSafety",
+        "safety.mode",
+    ),
+    Rejected("model-with-newline", mutated(RUNWAY, model="runway:4@1\n"), "invalidModel", "model"),
+    Rejected("model-201-chars", mutated(RUNWAY, model="m" * 201), "invalidModel", "model"),
+    Rejected(
+        "tiny-scheduler-with-nul",
+        mutated(TINY, scheduler="Euler\x00"),
+        "invalidScheduler",
+        "scheduler",
+    ),
+    Rejected(
+        "ping-taskUUID-101-chars", mutated(PING, taskUUID="p" * 101), "invalidTaskUUID", "taskUUID"
+    ),
+    Rejected(
+        "authentication-connectionSessionUUID-101-chars",
+        mutated(AUTHENTICATION, connectionSessionUUID="c" * 101),
+        "invalidConnectionSessionUUID",
+        "connectionSessionUUID",
+    ),
+    Rejected(
+        "authentication-apiKey-513-chars",
+        mutated(AUTHENTICATION, apiKey="k" * 513),
+        "invalidApiKey",
+        "apiKey",
+    ),
+    # -- text a JSON parser lets through but UTF-8, logs and replies do not --
+    Rejected(
+        "positivePrompt-lone-surrogate",
+        mutated(RUNWAY, positivePrompt="a cat \ud83d"),
+        "invalidPositivePrompt",
+        "positivePrompt",
+    ),
+    Rejected(
+        "tiny-negativePrompt-lone-surrogate",
+        mutated(TINY, negativePrompt="\udc00"),
+        "invalidNegativePrompt",
+        "negativePrompt",
+    ),
+    Rejected(
+        "referenceImages-tag-lone-surrogate",
+        mutated(TINY, referenceImages=[{"image": IMAGE_UUID, "tag": "hero\ud800"}]),
+        "invalidReferenceImages",
+        "referenceImages[0].tag",
+    ),
+    Rejected(
+        "imageUpload-image-lone-surrogate",
+        mutated(UPLOAD, image="iVBORw0KGgo\udfff"),
+        "invalidImage",
+        "image",
+    ),
+    Rejected(
+        "authentication-apiKey-lone-surrogate",
+        mutated(AUTHENTICATION, apiKey="key\ud800"),
+        "invalidApiKey",
+        "apiKey",
+    ),
+    # -- what is echoed back is the client's text made safe --
+    Rejected(
+        "made-up-key-with-newline",
+        mutated(RUNWAY, **{"foo\nINFO forged": 1}),
+        "unknownParameter",
+        "'foo\\nINFO forged'",
+    ),
+    Rejected(
+        "made-up-key-very-long",
+        mutated(RUNWAY, **{"k" * 10_000: 1}),
+        "unknownParameter",
+        repr("k" * 64),
+    ),
+    Rejected(
+        "taskType-a-huge-number",
+        mutated(RUNWAY, taskType=10**5000),
+        "unsupportedTaskType",
+        "taskType",
+    ),
+    Rejected(
+        "taskType-very-long",
+        mutated(RUNWAY, taskType="t" * 100_000),
+        "unsupportedTaskType",
+        "taskType",
+    ),
+    Rejected(
+        "taskUUID-with-newline",
+        mutated(RUNWAY, taskUUID=TASK_UUID + "\nINFO forged"),
+        "invalidTaskUUID",
+        "taskUUID",
+    ),
 ]
 
 
@@ -712,6 +988,48 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("authentication", AUTHENTICATION),
     ("ping", {"taskType": "ping", "ping": True}),
     ("ping-with-extra-keys", {"taskType": "ping", "ping": True, "anything": 1}),
+    ("webhookURL-ipv6-literal-and-port", mutated(RUNWAY, webhookURL="http://[::1]:8080/hook")),
+    (
+        "webhookURL-internationalised-host",
+        mutated(RUNWAY, webhookURL="https://b\u00fccher.example/h"),
+    ),
+    ("webhookURL-punycode-host", mutated(RUNWAY, webhookURL="https://xn--bcher-kva.example/h")),
+    ("webhookURL-upper-case", mutated(RUNWAY, webhookURL="HTTPS://EXAMPLE.COM/HOOK")),
+    ("webhookURL-query-and-fragment", mutated(RUNWAY, webhookURL=HOOK + "?a=1&b=%20#frag")),
+    ("webhookURL-empty-port", mutated(RUNWAY, webhookURL="https://example.com:/hook")),
+    ("webhookURL-2048-chars", mutated(RUNWAY, webhookURL=HOOK + "/" + "x" * (2047 - len(HOOK)))),
+    (
+        "uploadEndpoint-presigned",
+        mutated(
+            RUNWAY,
+            uploadEndpoint="https://bucket.s3.example.com/k.jpg?X-Amz-Expires=60&X-Amz-Signature=ab",
+        ),
+    ),
+    ("referenceImages-base64-not-url-checked", mutated(RUNWAY, referenceImages=["iVBORw0KGgo="])),
+    (
+        "referenceImages-data-uri",
+        mutated(RUNWAY, referenceImages=["data:image/png;base64,iVBORw0KGgo="]),
+    ),
+    ("referenceImages-url-non-ascii-path", mutated(RUNWAY, referenceImages=[REF_URL + "/\u00e9"])),
+    ("imageUpload-url-ipv4", mutated(UPLOAD, image="http://127.0.0.1:8000/a.png")),
+    ("ttl-30-days", mutated(RUNWAY, ttl=2_592_000)),
+    ("integral-floats-are-integers", mutated(TINY, width=512.0, height=512.0, seed=7.0)),
+    ("tiny-seed-above-random-range", mutated(TINY, seed=MAX_RANDOM_SEED + 1)),
+    ("tiny-CFGScale-an-int", mutated(TINY, CFGScale=7)),
+    ("modelSearch", SEARCH),
+    (
+        "modelSearch-all-bounds",
+        mutated(
+            SEARCH,
+            search="s" * 200,
+            tags=["t" * 100] * 50,
+            category="c" * 100,
+            limit=100,
+            offset=1_000_000,
+        ),
+    ),
+    ("ping-taskUUID-100-chars", mutated(PING, taskUUID="p" * 100)),
+    ("positivePrompt-emoji-pair", mutated(TINY, positivePrompt="a \U0001f431 cat")),
 ]
 
 
@@ -763,3 +1081,26 @@ def test_reference_images_are_read_from_either_place_as_image_and_tag() -> None:
         (IMAGE_UUID, "style"),
     ]
     assert [(r.image, r.tag) for r in nested.reference_images()] == [(REF_URL, None)]
+
+
+def test_random_seed_bound_is_exact_in_a_javascript_number() -> None:
+    # @runware/sdk-js reads the seed as a double: every seed we draw must survive that trip.
+    assert int(float(MAX_RANDOM_SEED)) == MAX_RANDOM_SEED
+    assert int(float(MAX_RANDOM_SEED - 1)) == MAX_RANDOM_SEED - 1
+    assert int(float(MAX_RANDOM_SEED + 2)) != MAX_RANDOM_SEED + 2
+    assert MAX_RANDOM_SEED < MAX_SEED == 2**63 - 1
+
+
+def test_integral_float_is_taken_as_the_integer() -> None:
+    task = validate_inference(mutated(TINY, width=512.0, height=768.0, seed=7.0))
+    assert (task.width, task.height, task.seed) == (512, 768, 7)
+    assert all(type(v) is int for v in (task.width, task.height, task.seed))
+
+
+def test_url_errors_say_what_is_wrong_without_echoing_the_url() -> None:
+    with pytest.raises(ImpastoError) as caught:
+        parse_task(mutated(RUNWAY, webhookURL=HOOK + "\r\nX-Injected: 1"))
+    message = caught.value.to_item()["message"]
+    assert "control characters" in message
+    assert "\r" not in message
+    assert "\n" not in message

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from impasto.protocol.errors import ImpastoError, http_status_for
+from impasto.protocol.errors import ImpastoError, ServiceUnavailable, http_status_for
 
 log = logging.getLogger("impasto.api")
 
@@ -25,9 +25,20 @@ class EnvelopeResponse(JSONResponse):
 
 
 def error_response(errors: list[ImpastoError]) -> JSONResponse:
+    status = http_status_for(errors)
     return EnvelopeResponse(
-        {"errors": [e.to_item() for e in errors]}, status_code=http_status_for(errors)
+        {"errors": [e.to_item() for e in errors]},
+        status_code=status,
+        headers=retry_after(errors, status),
     )
+
+
+def retry_after(errors: list[ImpastoError], status: int) -> dict[str, str] | None:
+    """A 503 for infrastructure trouble tells clients when to come back."""
+    if status != 503:
+        return None
+    hints = [e.retry_after_s for e in errors if isinstance(e, ServiceUnavailable)]
+    return {"Retry-After": str(max(hints))} if hints else None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
-from impasto.api.errors import EnvelopeResponse, error_response
+from impasto.api.errors import EnvelopeResponse, error_response, retry_after
 from impasto.protocol.errors import ImpastoError, PayloadTooLarge, RequestError
+from impasto.protocol.openapi import tasks_request_schema, tasks_responses
 from impasto.service.runtime import Runtime
 
 router = APIRouter()
+
+_INLINE_PARSE_BYTES = 256 * 1024
+
+TASKS_REQUEST_SCHEMA, TASK_COMPONENTS = tasks_request_schema()
 
 _TASKS_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {
-                "schema": {"type": "array", "items": {"type": "object"}},
+                "schema": TASKS_REQUEST_SCHEMA,
                 "example": [
                     {
                         "taskType": "imageInference",
@@ -33,7 +40,8 @@ _TASKS_BODY = {
                 ],
             }
         },
-    }
+    },
+    "responses": tasks_responses(),
 }
 
 
@@ -52,16 +60,25 @@ async def read_task_array(request: Request, limit: int) -> list[Any]:
         body.extend(chunk)
         if len(body) > limit:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        # json raises RecursionError on deeply nested arrays: bad input, not a server fault.
-        raise RequestError("Request body is not valid JSON.", code="invalidJSON") from None
+    # A large body is parsed off the event loop, which keeps serving everyone else meanwhile.
+    parsed = (
+        await asyncio.to_thread(parse_json, bytes(body))
+        if len(body) > _INLINE_PARSE_BYTES
+        else parse_json(bytes(body))
+    )
     if not isinstance(parsed, list):
         raise RequestError("Request body must be a JSON array of tasks.")
     if not parsed:
         raise RequestError("Request array is empty; send at least one task.")
     return parsed
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # json raises RecursionError on deeply nested arrays: bad input, not a server fault.
+        raise RequestError("Request body is not valid JSON.", code="invalidJSON") from None
 
 
 def bearer_token(request: Request) -> str | None:
@@ -72,20 +89,44 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
-@router.post("/v1", openapi_extra=_TASKS_BODY, summary="Run Runware tasks")
+@router.post(
+    "/v1",
+    openapi_extra=_TASKS_BODY,
+    summary="Run Runware tasks",
+    response_class=EnvelopeResponse,
+)
 async def run_tasks(request: Request) -> Response:
     runtime = runtime_of(request)
+    dispatcher = runtime.dispatcher
+    bearer = bearer_token(request)
+    limit = runtime.settings.max_body_bytes
+    if not dispatcher.auth.open:
+        # The key is checked before the body is read: an unauthenticated client cannot make
+        # the server read and parse megabytes. A body that authenticates itself (a leading
+        # authentication task) is read only up to a small limit before its key is known.
+        if bearer is not None:
+            try:
+                dispatcher.auth.check(bearer)
+            except ImpastoError as exc:
+                return error_response([exc])
+        else:
+            limit = min(limit, runtime.settings.max_unauthenticated_body_bytes)
     try:
-        tasks = await read_task_array(request, runtime.settings.max_body_bytes)
+        tasks = await read_task_array(request, limit)
+    except ClientDisconnect:
+        # Nobody is left to answer; nothing was accepted.
+        return Response(status_code=400)
     except ImpastoError as exc:
         return error_response([exc])
-    envelope = await runtime.dispatcher.handle_request(tasks, bearer_token(request))
-    return EnvelopeResponse(envelope.body(), status_code=envelope.http_status)
+    envelope = await dispatcher.handle_request(tasks, bearer)
+    status = envelope.http_status
+    return EnvelopeResponse(
+        envelope.body(), status_code=status, headers=retry_after(envelope.errors, status)
+    )
 
 
-@router.api_route(
-    "/image/{name}", methods=["GET", "HEAD"], summary="An image we store (output or upload)"
-)
+@router.get("/image/{name}", summary="An image we store", operation_id="get_image")
+@router.head("/image/{name}", summary="An image's headers", operation_id="head_image")
 async def get_image(name: str, request: Request) -> Response:
     runtime = runtime_of(request)
     image_uuid, _, _ = name.partition(".")
@@ -106,14 +147,18 @@ async def get_image(name: str, request: Request) -> Response:
     )
 
 
-@router.get("/healthz", summary="200 once the server accepts tasks")
-async def healthz(request: Request) -> dict[str, Any]:
+@router.get("/healthz", summary="200 while the server can accept and finish tasks, else 503")
+async def healthz(request: Request) -> Response:
     runtime = runtime_of(request)
-    return {
-        "status": "ok",
+    problems = await runtime.problems()
+    body: dict[str, Any] = {
+        "status": "unavailable" if problems else "ok",
         "uptime_s": round(time.time() - runtime.started_at, 3),
         "queued_jobs": runtime.scheduler.queued(),
     }
+    if problems:
+        body["problems"] = problems
+    return EnvelopeResponse(body, status_code=503 if problems else 200)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from impasto.service.runtime import Runtime
 
@@ -14,9 +14,16 @@ def create_worker_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(title="impasto worker", docs_url=None, redoc_url=None)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz() -> Response:
         worker = runtime.worker
-        return {"status": "ok", **(worker.stats() if worker else {})}
+        problems = await runtime.problems()
+        body: dict[str, Any] = {
+            "status": "unavailable" if problems else "ok",
+            **(worker.stats() if worker else {}),
+        }
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:

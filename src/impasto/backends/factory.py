@@ -5,6 +5,7 @@ given by import path (`backend = "package.module:Class"`), constructed as Class(
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from impasto.backends.base import Backend
 from impasto.backends.devices import DevicePool
 from impasto.backends.registry import ModelEntry, ModelRegistry
-from impasto.protocol.errors import ProviderNotConfigured
+from impasto.protocol.errors import ImpastoError, ProviderNotConfigured
 
 RUNWAY_DEFAULT_URL = "https://api.dev.runwayml.com"
 
@@ -59,6 +60,29 @@ def models_without_keys(registry: ModelRegistry, context: BackendContext) -> lis
         if target.backend == "runway" and provider_key(target, context, "runway") is None:
             missing.append(entry.air)
     return missing
+
+
+def unavailable_models(registry: ModelRegistry, context: BackendContext) -> dict[str, ImpastoError]:
+    """AIR -> the error every task for it would end with (a provider with no key, or its SDK
+    not installed): checked before a task is accepted, not after."""
+    problems: dict[str, ImpastoError] = {}
+    for entry in registry.entries():
+        target = registry.resolve(entry.air).target
+        if target.backend != "runway":
+            continue
+        if provider_key(target, context, "runway") is None:
+            problems[entry.air] = ProviderNotConfigured(
+                f"Model {entry.air} is served by Runway, and the Runway provider is not "
+                "configured on this server (no API key).",
+                parameter="model",
+            )
+        elif importlib.util.find_spec("runwayml") is None:
+            problems[entry.air] = ProviderNotConfigured(
+                f"Model {entry.air} is served by Runway, and the runwayml package is not "
+                "installed on this server (pip install 'impasto[runway]').",
+                parameter="model",
+            )
+    return problems
 
 
 def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:

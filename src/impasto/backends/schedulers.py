@@ -60,3 +60,29 @@ def resolve_scheduler(name: str) -> tuple[str, dict[str, Any]] | None:
 
 def known_schedulers() -> list[str]:
     return sorted({*SCHEDULERS, *_CLASS_NAMES, "Default"})
+
+
+def scheduler_problem(name: str, architecture: str) -> str | None:
+    """Why scheduler `name` cannot run a model of `architecture`, or None if it can.
+
+    Flow-matching models (FLUX, SD3) take only flow-matching schedulers, and the discrete
+    (epsilon / v-prediction) families take none of those; a mismatch would fail inside the
+    pipeline after the task was accepted. Unknown architectures are not second-guessed.
+    """
+    try:
+        resolved = resolve_scheduler(name)
+    except KeyError:
+        return f"unknown scheduler {name!r}"
+    if resolved is None:
+        return None
+    flow_scheduler = resolved[0].startswith("FlowMatch")
+    if architecture.startswith(("flux", "sd3")):
+        flow_model = True
+    elif architecture.startswith(("sd1", "sd2", "sdxl")):
+        flow_model = False
+    else:
+        return None
+    if flow_scheduler == flow_model:
+        return None
+    family = "flow-matching" if flow_model else "discrete (non flow-matching)"
+    return f"models of architecture {architecture} take only {family} schedulers"

@@ -1,8 +1,9 @@
 """Every outbound HTTP request (reference images, webhooks, upload endpoints) goes through here.
 
-The guard resolves the host once, refuses private, loopback, link-local, metadata and other
-non-global addresses (unless the operator allows private networks), and then connects to the
-very address it vetted (TLS still verifies the original host name), so a DNS answer that
+The guard checks the URL's syntax, resolves the host once, refuses private, loopback,
+link-local, metadata and other non-global addresses (also when they hide inside an IPv6 form
+such as NAT64, 6to4 or Teredo, unless the operator allows private networks), and then connects
+to the very address it vetted (TLS still verifies the original host name), so a DNS answer that
 changes between check and connect cannot sneak a request into the internal network.
 Redirects are followed by hand, each hop vetted the same way.
 """
@@ -12,13 +13,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from impasto.delivery.urls import address_allowed
+from impasto.protocol.urls import parse_url
+
 USER_AGENT = "impasto/0.1 (+https://github.com/impasto)"
 MAX_REDIRECTS = 5
+
+# (ASCII host name, port) -> the addresses it resolves to.
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 class OutboundRefused(ValueError):
@@ -31,63 +40,154 @@ class OutboundFailed(ValueError):
 
 @dataclass(frozen=True)
 class Target:
+    """A vetted URL: `host` is its ASCII (IDNA) host name, `address` the address to connect to."""
+
     url: str
     host: str
     address: str
+    # The port written in the URL (None: the scheme's default), for the Host header.
+    port: int | None = None
 
 
-def _address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
+async def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
 class OutboundGuard:
-    """Vets URLs: scheme, host, and every address the host resolves to."""
+    """Vets URLs: syntax, scheme, host, and every address the host resolves to."""
 
-    def __init__(self, allow_private_networks: bool) -> None:
+    def __init__(self, allow_private_networks: bool, *, resolver: Resolver | None = None) -> None:
         self.allow_private_networks = allow_private_networks
+        self._resolve = resolver or _getaddrinfo
 
     async def vet(self, url: str) -> Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise OutboundRefused("only http and https URLs are accepted")
-        host = parts.hostname
-        if not host:
-            raise OutboundRefused("URL has no host")
-        if parts.username or parts.password:
-            raise OutboundRefused("URLs with credentials are not accepted")
+        """The target to connect to; raises only OutboundRefused or OutboundFailed."""
+        parsed = parse_url(url)
+        if isinstance(parsed, str):
+            raise OutboundRefused(parsed)
+        host = parsed.host
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise OutboundRefused("URL has an invalid port") from None
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-        except (socket.gaierror, UnicodeError):
+            addresses = list(await self._resolve(host, parsed.effective_port))
+        except (OSError, UnicodeError):
             raise OutboundFailed(f"host {host} could not be resolved") from None
-        addresses = [str(info[4][0]) for info in infos]
         if not addresses:
             raise OutboundFailed(f"host {host} could not be resolved")
         if not self.allow_private_networks:
             for address in addresses:
-                if not _address_allowed(ipaddress.ip_address(address.split("%")[0])):
+                try:
+                    allowed = address_allowed(ipaddress.ip_address(address.split("%")[0]))
+                except ValueError:
+                    allowed = False
+                if not allowed:
                     raise OutboundRefused(
                         f"host {host} resolves to a private, loopback or link-local address; "
                         "such URLs are refused"
                     )
-        return Target(url=url, host=host, address=addresses[0])
+        return Target(url=url, host=host, address=addresses[0], port=parsed.port)
 
 
 def _pinned(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
     """URL that connects to the vetted address, the Host header and the TLS name to use."""
     parts = urlsplit(target.url)
     address = f"[{target.address}]" if ":" in target.address else target.address
-    netloc = address if parts.port is None else f"{address}:{parts.port}"
+    netloc = address if target.port is None else f"{address}:{target.port}"
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    host_header = parts.netloc.rsplit("@", 1)[-1]
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    host_header = host if target.port is None else f"{host}:{target.port}"
     return pinned, {"Host": host_header}, {"sni_hostname": target.host}
+
+
+# --- Connection pools -----------------------------------------------------------------------
+
+
+@dataclass
+class _Pool:
+    transport: httpx.AsyncBaseTransport
+    users: int = 0
+    evicted: bool = False
+
+
+class _ReleasingStream(httpx.AsyncByteStream):
+    """A response body that hands its pool back when it is closed."""
+
+    def __init__(
+        self, stream: httpx.AsyncByteStream, release: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._stream = stream
+        self._release: Callable[[], Awaitable[None]] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        try:
+            await self._stream.aclose()
+        finally:
+            if release is not None:
+                await release()
+
+
+class HostPoolTransport(httpx.AsyncBaseTransport):
+    """One connection pool per (scheme, Host, address, port).
+
+    Pinned requests all name the vetted IP, and httpx pools connections by URL origin: with
+    one pool a request for host B could ride a keep-alive TLS connection that was verified
+    for host A on the same address. Keying the pool on the host name as well prevents that.
+    The least recently used pools beyond `max_pools` are closed once no response uses them.
+    """
+
+    def __init__(
+        self,
+        factory: Callable[[], httpx.AsyncBaseTransport] = httpx.AsyncHTTPTransport,
+        max_pools: int = 32,
+    ) -> None:
+        self._factory = factory
+        self._max_pools = max_pools
+        self._pools: OrderedDict[tuple[str, str, str, int | None], _Pool] = OrderedDict()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        key = (
+            request.url.scheme,
+            request.headers.get("host", "").lower(),
+            request.url.host,
+            request.url.port,
+        )
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(self._factory())
+        self._pools.move_to_end(key)
+        pool.users += 1
+        try:
+            await self._evict()
+            response = await pool.transport.handle_async_request(request)
+        except BaseException:
+            await self._release(pool)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _ReleasingStream(response.stream, lambda: self._release(pool))
+        return response
+
+    async def _evict(self) -> None:
+        while len(self._pools) > self._max_pools:
+            _, pool = self._pools.popitem(last=False)
+            pool.evicted = True
+            if pool.users == 0:
+                await pool.transport.aclose()
+
+    async def _release(self, pool: _Pool) -> None:
+        pool.users -= 1
+        if pool.evicted and pool.users == 0:
+            await pool.transport.aclose()
+
+    async def aclose(self) -> None:
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            pool.evicted = True
+            await pool.transport.aclose()
 
 
 class OutboundClient:
@@ -98,8 +198,16 @@ class OutboundClient:
         self._client = client
 
     @classmethod
-    def create(cls, guard: OutboundGuard) -> OutboundClient:
+    def create(
+        cls,
+        guard: OutboundGuard,
+        *,
+        transport_factory: Callable[[], httpx.AsyncBaseTransport] = httpx.AsyncHTTPTransport,
+    ) -> OutboundClient:
+        """A client whose connection pools are kept apart per host name (see HostPoolTransport);
+        `transport_factory` makes each pool's transport."""
         client = httpx.AsyncClient(
+            transport=HostPoolTransport(transport_factory),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
@@ -146,7 +254,7 @@ class OutboundClient:
                 return await self._fetch(url, max_bytes)
         except TimeoutError:
             raise OutboundFailed(f"download did not finish within {timeout:g} s") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise OutboundFailed(f"download failed: {type(exc).__name__}") from None
 
     async def _fetch(self, url: str, max_bytes: int) -> tuple[bytes, str]:

@@ -5,7 +5,9 @@ backoff and full jitter on connection errors, timeouts, 408, 429 (honouring Retr
 5xx; never retry other 4xx or a refused address; give up after `max_attempts` or once the
 delivery is older than `budget_s`. Delivery is at least once: a crash after a receiver's 2xx
 but before it is recorded sends that delivery again after the restart, with the same
-`X-Impasto-Delivery` id so receivers can drop the duplicate.
+`X-Impasto-Delivery` id so receivers can drop the duplicate. An error of our own during an
+attempt (image store, state store, a bug) counts as a failed, retryable attempt; when even that
+cannot be recorded, the claim's lease lapses and the delivery is taken again later.
 
 Signing (when a secret is configured): `X-Impasto-Signature: t=<unix seconds>,v1=<hex>` where
 `<hex>` is HMAC-SHA256(secret, f"{t}.{raw body}"). Receivers recompute it over the raw body,
@@ -31,6 +33,7 @@ from typing import Any
 import httpx
 
 from impasto.delivery.outbound import OutboundClient, OutboundFailed, OutboundRefused
+from impasto.delivery.redact import describe_error, redact_url, redacted_traceback
 from impasto.state.base import StateStore
 from impasto.state.records import DeliveryKind, DeliveryRecord
 from impasto.storage.base import ImageStore
@@ -105,9 +108,18 @@ class Attempt:
 
 SettledCallback = Callable[[DeliveryRecord, bool], Awaitable[None]]
 
+# Backoff of the loop itself while the state store fails: 1 s, 2 s, 4 s, ... at most 30 s.
+PASS_RETRY_BASE_S = 1.0
+PASS_RETRY_MAX_S = 30.0
+
 
 class Outbox:
-    """Sends due deliveries in the background; `wake()` after queuing new ones."""
+    """Sends due deliveries in the background; `wake()` after queuing new ones.
+
+    `last_pass_at` (on the `monotonic` clock) is when the loop last finished a pass, failed or
+    not; passes happen at least every `idle_poll_s`, so a supervisor that sees it older than a
+    few of those knows the loop is dead or stuck (`alive()`). `consecutive_failures` counts
+    passes in a row that failed (the state store is down)."""
 
     def __init__(
         self,
@@ -120,6 +132,11 @@ class Outbox:
         on_settled: SettledCallback,
         concurrency: int = 16,
         poll_interval_s: float | None = None,
+        idle_poll_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wakeup: asyncio.Event | None = None,
     ) -> None:
         self._state = state
         self._images = images
@@ -130,28 +147,55 @@ class Outbox:
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._poll_interval_s = poll_interval_s
-        self._wakeup = asyncio.Event()
+        self._idle_poll_s = idle_poll_s
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        # Given when others must wake the outbox before it exists (setting it is `wake()`).
+        self._wakeup = wakeup or asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self.last_pass_at: float | None = None
+        self.consecutive_failures = 0
 
     def wake(self) -> None:
         self._wakeup.set()
 
+    def alive(self, max_age_s: float | None = None) -> bool:
+        """Whether the loop finished a pass within `max_age_s` (default: three idle polls)."""
+        if self.last_pass_at is None:
+            return False
+        limit = 3 * self._idle_poll_s if max_age_s is None else max_age_s
+        return self._monotonic() - self.last_pass_at <= limit
+
     async def run(self) -> None:
+        """Deliver until cancelled: no error but cancellation ends this loop."""
         while True:
             try:
-                await self._dispatch_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outbox pass failed; retrying shortly")
-                await asyncio.sleep(1.0)
-            next_at = await self._state.next_delivery_at()
-            timeout = None if next_at is None else max(0.0, next_at - time.time())
-            if self._poll_interval_s is not None:
-                timeout = min(timeout or self._poll_interval_s, self._poll_interval_s)
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                await self._pass()
+            except Exception as exc:
+                self.consecutive_failures += 1
+                delay = min(
+                    PASS_RETRY_MAX_S, PASS_RETRY_BASE_S * 2 ** (self.consecutive_failures - 1)
+                )
+                log.warning("outbox pass failed (%s); retrying in %g s", describe_error(exc), delay)
+                log.debug("outbox pass failure: %s", redacted_traceback(exc))
+                self.last_pass_at = self._monotonic()
+                await self._sleep(delay)
+
+    async def _pass(self) -> None:
+        # Cleared before looking, so a wake() while this pass runs is not lost.
+        self._wakeup.clear()
+        await self._dispatch_due()
+        next_at = await self._state.next_delivery_at()
+        self.consecutive_failures = 0
+        self.last_pass_at = self._monotonic()
+        timeout = self._idle_poll_s
+        if next_at is not None:
+            timeout = min(timeout, max(0.0, next_at - self._clock()))
+        if self._poll_interval_s is not None:
+            timeout = min(timeout, self._poll_interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def close(self) -> None:
         tasks = list(self._in_flight.values())
@@ -161,7 +205,7 @@ class Outbox:
 
     async def _dispatch_due(self) -> None:
         due = await self._state.claim_deliveries(
-            time.time(), limit=self._concurrency * 4, lease_s=self._policy.lease_s
+            self._clock(), limit=self._concurrency * 4, lease_s=self._policy.lease_s
         )
         for delivery in due:
             if delivery.delivery_id in self._in_flight:
@@ -175,47 +219,97 @@ class Outbox:
         # A finished attempt may have queued follow-ups or a sooner retry.
         self._wakeup.set()
 
-    async def _deliver(self, delivery: DeliveryRecord) -> None:
-        async with self._slots:
-            attempt = await self._attempt(delivery)
-        attempts = delivery.attempts + 1
-        now = time.time()
+    def _unexpected(self, delivery: DeliveryRecord, exc: Exception, during: str) -> Attempt:
+        """An error of ours (image store, state store, a bug) counts as a failed attempt."""
+        log.warning(
+            "%s to %s for task %s: unexpected error %s (%s)",
+            delivery.kind,
+            redact_url(delivery.url),
+            delivery.task_uuid,
+            during,
+            describe_error(exc),
+        )
+        log.debug("unexpected delivery error: %s", redacted_traceback(exc))
+        # No exception text: it may carry the URL with its token, and it reaches the client.
+        message = f"internal error {during} ({type(exc).__name__})"
+        return Attempt(ok=False, retryable=True, error={"message": message})
+
+    def _verdict(self, delivery: DeliveryRecord, attempts: int, attempt: Attempt) -> str | None:
+        """The status to settle the delivery with, or None to try again later."""
         if attempt.ok:
-            await self._settle(delivery, "done", attempts, None)
-            return
-        error = attempt.error or {"message": "delivery failed"}
+            return "done"
         exhausted = (
             attempts >= self._policy.max_attempts
-            or now - delivery.created_at >= self._policy.budget_s
+            or self._clock() - delivery.created_at >= self._policy.budget_s
         )
-        if not attempt.retryable or exhausted:
+        return "failed" if exhausted or not attempt.retryable else None
+
+    async def _deliver(self, delivery: DeliveryRecord) -> None:
+        attempts = delivery.attempts + 1
+        try:
+            async with self._slots:
+                attempt = await self._attempt(delivery)
+        except Exception as exc:
+            attempt = self._unexpected(delivery, exc, "while sending")
+        verdict = self._verdict(delivery, attempts, attempt)
+        try:
+            await self._record(delivery, attempts, attempt, verdict)
+            return
+        except Exception as exc:
+            failure = exc
+        if verdict is not None:
+            # Settling failed: count that as a failed attempt, so it cannot repeat forever.
+            attempt = self._unexpected(delivery, failure, "while recording the outcome")
+            if self._verdict(delivery, attempts, attempt) is None:
+                try:
+                    await self._record(delivery, attempts, attempt, None)
+                    return
+                except Exception as exc:
+                    failure = exc
+        # The state store is down: the claim's lease lapses and the delivery is taken again.
+        log.warning(
+            "%s to %s for task %s: could not record attempt %d (%s); retried after its lease",
+            delivery.kind,
+            redact_url(delivery.url),
+            delivery.task_uuid,
+            attempts,
+            describe_error(failure),
+        )
+
+    async def _record(
+        self, delivery: DeliveryRecord, attempts: int, attempt: Attempt, verdict: str | None
+    ) -> None:
+        error = None if attempt.ok else (attempt.error or {"message": "delivery failed"})
+        if verdict is None:
+            assert error is not None
+            delay = self._policy.delay(attempts, attempt.retry_after)
+            await self._state.reschedule_delivery(
+                delivery.delivery_id, attempts, self._clock() + delay, error
+            )
+            return
+        if verdict == "failed":
             log.warning(
                 "%s to %s for task %s failed after %d attempt(s): %s",
                 delivery.kind,
-                delivery.url,
+                redact_url(delivery.url),
                 delivery.task_uuid,
                 attempts,
-                error.get("message"),
+                (error or {}).get("message"),
             )
-            await self._settle(delivery, "failed", attempts, error)
-            return
-        delay = self._policy.delay(attempts, attempt.retry_after)
-        await self._state.reschedule_delivery(delivery.delivery_id, attempts, now + delay, error)
+        await self._settle(delivery, verdict, attempts, error)
 
     async def _settle(
         self, delivery: DeliveryRecord, status: str, attempts: int, error: dict[str, Any] | None
     ) -> None:
         follow_ups: list[DeliveryRecord] = []
         if delivery.then:
-            follow_ups.append(
-                new_delivery(
-                    "webhook",
-                    delivery.task_uuid,
-                    delivery.then["url"],
-                    delivery.then["payload"],
-                    index=delivery.index,
+            url, payload = delivery.then.get("url"), delivery.then.get("payload")
+            if isinstance(url, str) and isinstance(payload, str):
+                follow_ups.append(
+                    new_delivery("webhook", delivery.task_uuid, url, payload, index=delivery.index)
                 )
-            )
+            else:
+                log.warning("delivery %s has a malformed follow-up; dropped", delivery.delivery_id)
         settled = await self._state.settle_delivery(
             delivery.delivery_id,
             "done" if status == "done" else "failed",
@@ -223,8 +317,18 @@ class Outbox:
             error,
             follow_ups,
         )
-        if settled:
+        if not settled:
+            return
+        try:
             await self._on_settled(delivery, status == "done")
+        except Exception as exc:
+            # The delivery is settled for good; retrying it would not run this again.
+            log.warning(
+                "%s for task %s settled, but handling that failed (%s)",
+                delivery.kind,
+                delivery.task_uuid,
+                describe_error(exc),
+            )
 
     async def _attempt(self, delivery: DeliveryRecord) -> Attempt:
         headers = {DELIVERY_HEADER: delivery.delivery_id, "Content-Type": delivery.content_type}
@@ -239,7 +343,7 @@ class Outbox:
             data = delivery.payload.encode()
             method, read_timeout = "POST", self._policy.webhook_read_timeout_s
             if self._secret:
-                headers[SIGNATURE_HEADER] = sign(self._secret, int(time.time()), data)
+                headers[SIGNATURE_HEADER] = sign(self._secret, int(self._clock()), data)
         timeout = httpx.Timeout(read_timeout, connect=self._policy.connect_timeout_s)
         try:
             response = await self._client.request(
@@ -252,7 +356,7 @@ class Outbox:
             )
         except OutboundRefused as exc:
             return Attempt(ok=False, retryable=False, error={"message": f"refused: {exc}"})
-        except (OutboundFailed, httpx.TimeoutException, httpx.TransportError) as exc:
+        except (OutboundFailed, httpx.RequestError) as exc:
             kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
             return Attempt(
                 ok=False,

@@ -2,7 +2,8 @@
 
     ImpastoError
     ├── RequestError                 the body as a whole is unusable (400)
-    │   └── PayloadTooLarge          body over the configured limit (413)
+    │   ├── PayloadTooLarge          body over the configured limit (413)
+    │   └── TooManyTasks             more tasks in one request or frame than allowed (413)
     ├── AuthError                    missing or rejected API key (401)
     ├── InvalidParameter             one task parameter is wrong (400)
     │   ├── UnsupportedParameter     a known parameter the model does not take
@@ -21,6 +22,8 @@
     ├── UploadFailed                 the PUT to uploadEndpoint failed; the image is kept (502)
     ├── InferenceError               a local backend failed on accepted work (500)
     ├── TaskInterrupted              the server stopped while the task ran (500)
+    ├── ServiceUnavailable           the state store or image storage cannot be used (503)
+    │   └── StorageFull              no space left to store images or state (503)
     └── SyncTimeout                  sync wait limit hit; the task goes on (202)
 
 Every error becomes one Runware error item: `code`, `message`, `parameter`, `taskType`,
@@ -95,6 +98,11 @@ class RequestError(ImpastoError):
 
 class PayloadTooLarge(RequestError):
     code = "payloadTooLarge"
+    http_status = 413
+
+
+class TooManyTasks(RequestError):
+    code = "tooManyTasks"
     http_status = 413
 
 
@@ -186,6 +194,18 @@ class InferenceError(ImpastoError):
 class TaskInterrupted(ImpastoError):
     code = "taskInterrupted"
     http_status = 500
+
+
+class ServiceUnavailable(ImpastoError):
+    """Infrastructure, not the client: retry later (the reply carries Retry-After)."""
+
+    code = "serviceUnavailable"
+    http_status = 503
+    retry_after_s = 5
+
+
+class StorageFull(ServiceUnavailable):
+    code = "storageFull"
 
 
 class SyncTimeout(ImpastoError):

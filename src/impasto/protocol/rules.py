@@ -1,12 +1,26 @@
 """Per-model request rules: which sizes, parameters and reference images a model takes, and
-what an image costs. The registry builds these from the models file; validation reads them."""
+what an image costs. The registry builds these from the models file; `check_against_rules`
+applies them to a parsed task."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
+
+if TYPE_CHECKING:
+    from impasto.protocol.tasks import ImageInferenceIn
 
 Size = tuple[int, int]
+
+# Runway's reference tag rule: 3-16 characters, a letter first, then letters, digits or `_`.
+# Its spec regex is lowercase-only while its own examples use `EiffelTower`; impasto accepts
+# either case and passes the tag on as given, so the prompt's `@Tag` still matches it.
+RUNWAY_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,15}")
+RUNWAY_MAX_PROMPT_UNITS = 1000
 
 # Parameters every imageInference task may carry, whatever the model.
 PLATFORM_PARAMETERS = frozenset(
@@ -149,3 +163,115 @@ class ModelRules:
 
     def accepts(self, parameter: str) -> bool:
         return parameter in PLATFORM_PARAMETERS or parameter in self.parameters
+
+
+def code_name(parameter: str) -> str:
+    """`width` -> `Width`, for codes such as `invalidWidth`."""
+    return parameter[:1].upper() + parameter[1:]
+
+
+def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
+    """Model-specific rules: sizes, parameters the model takes, result and reference counts."""
+    given = task.model_fields_set
+    for name in sorted(GENERATION_PARAMETERS & given):
+        if not rules.accepts(name):
+            raise UnsupportedParameter(
+                f"Parameter {name} is not supported by model {rules.air}.", parameter=name
+            )
+    _check_size(task, rules)
+    if task.numberResults > rules.max_results:
+        raise InvalidParameter(
+            f"Invalid value for numberResults parameter: model {rules.air} makes at most "
+            f"{rules.max_results} images per task.",
+            code="invalidNumberResults",
+            parameter="numberResults",
+        )
+    _check_reference_images(task, rules)
+    if rules.provider == "runway":
+        _check_runway_inputs(task)
+    if task.providerSettings is not None:
+        for provider in task.providerSettings.providers():
+            if provider != rules.provider:
+                raise InvalidParameter(
+                    f"providerSettings.{provider} does not match model {rules.air}.",
+                    code="mismatchProviderSettingsProvider",
+                    parameter=f"providerSettings.{provider}",
+                )
+
+
+def _check_size(task: ImageInferenceIn, rules: ModelRules) -> None:
+    if (task.width is None) != (task.height is None):
+        missing = "height" if task.height is None else "width"
+        raise InvalidParameter(
+            "width and height must be given together.",
+            code=f"missing{code_name(missing)}",
+            parameter=missing,
+        )
+    if task.width is None or task.height is None:
+        return
+    problem = rules.sizes.check((task.width, task.height))
+    if problem is None:
+        return
+    parameter = "width"
+    allowed = rules.sizes.allowed
+    if allowed is not None:
+        if any(w == task.width for w, _ in allowed):
+            parameter = "height"
+    elif rules.sizes.min_side <= task.width <= rules.sizes.max_side:
+        parameter = "height"
+    raise InvalidParameter(
+        f"Invalid value for {parameter} parameter for model {rules.air}: {problem}.",
+        code=f"invalid{code_name(parameter)}",
+        parameter=parameter,
+    )
+
+
+def _check_reference_images(task: ImageInferenceIn, rules: ModelRules) -> None:
+    top = task.referenceImages
+    nested = task.inputs.referenceImages if task.inputs is not None else None
+    if top and nested:
+        raise InvalidParameter(
+            "Give referenceImages either at top level or under inputs, not both.",
+            code="invalidReferenceImages",
+            parameter="referenceImages",
+        )
+    parameter = "inputs.referenceImages" if nested else "referenceImages"
+    count = len(task.reference_images())
+    if count and rules.max_reference_images == 0:
+        raise UnsupportedParameter(
+            f"Model {rules.air} does not take reference images.", parameter=parameter
+        )
+    if count > rules.max_reference_images:
+        raise InvalidParameter(
+            f"Model {rules.air} takes at most {rules.max_reference_images} reference images.",
+            code="invalidReferenceImages",
+            parameter=parameter,
+        )
+    if count < rules.min_reference_images:
+        raise InvalidParameter(
+            f"Model {rules.air} needs at least {rules.min_reference_images} reference image(s).",
+            code="missingReferenceImages",
+            parameter="inputs.referenceImages",
+        )
+
+
+def _check_runway_inputs(task: ImageInferenceIn) -> None:
+    """What Runway would refuse after the task was accepted: tags and the prompt length it
+    measures in UTF-16 code units (an emoji counts twice)."""
+    if len(task.positivePrompt.encode("utf-16-le")) // 2 > RUNWAY_MAX_PROMPT_UNITS:
+        raise InvalidParameter(
+            "Invalid value for positivePrompt parameter: Runway takes at most "
+            f"{RUNWAY_MAX_PROMPT_UNITS} UTF-16 code units (characters outside the basic "
+            "plane, such as emoji, count as two).",
+            code="invalidPositivePrompt",
+            parameter="positivePrompt",
+        )
+    base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+    for i, ref in enumerate(task.reference_images()):
+        if ref.tag is not None and not RUNWAY_TAG.fullmatch(ref.tag):
+            raise InvalidParameter(
+                f"Invalid value for {base}[{i}].tag parameter: a tag is 3-16 characters, starts "
+                "with a letter and has only letters, digits and underscores.",
+                code="invalidReferenceImages",
+                parameter=f"{base}[{i}].tag",
+            )

@@ -1,11 +1,16 @@
 """Wire types of the tasks a client sends, and the one place that turns pydantic's validation
 errors into Runware error items (`invalid<Param>`, `missing<Param>`, `unsupportedParameter`...).
+
+Every field is bounded (numbers, string lengths, list lengths) and every float is finite, so an
+accepted task can be stored, logged and computed with; the JSON schema of each type, which
+`openapi.py` publishes, describes what the validators really take.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,10 +19,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
+    WithJsonSchema,
     field_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, ErrorDetails
 
 from impasto.protocol.errors import (
     ImpastoError,
@@ -26,22 +34,57 @@ from impasto.protocol.errors import (
     UnknownParameter,
     UnsupportedParameter,
 )
-from impasto.protocol.rules import (
-    GENERATION_PARAMETERS,
-    KNOWN_UNSUPPORTED_INPUTS,
-    KNOWN_UNSUPPORTED_PARAMETERS,
-    ModelRules,
-)
+from impasto.protocol.rules import KNOWN_UNSUPPORTED_INPUTS, KNOWN_UNSUPPORTED_PARAMETERS, code_name
 
+# Re-exported: callers import these from here, where they lived before the model checks moved.
+from impasto.protocol.rules import RUNWAY_MAX_PROMPT_UNITS as RUNWAY_MAX_PROMPT_UNITS
+from impasto.protocol.rules import RUNWAY_TAG as RUNWAY_TAG
+from impasto.protocol.rules import check_against_rules as check_against_rules
+from impasto.protocol.urls import looks_like_http_url, url_problem
+
+# Runware documents seeds 1 ... 2**63 - 1; impasto also takes 0.
 MAX_SEED = 2**63 - 1
-# Runway's reference tag rule: 3-16 characters, a letter first, then letters, digits or `_`.
-# Its spec regex is lowercase-only while its own examples use `EiffelTower`; impasto accepts
-# either case and passes the tag on as given, so the prompt's `@Tag` still matches it.
-RUNWAY_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,15}")
-RUNWAY_MAX_PROMPT_UNITS = 1000
+# compat: @runware/sdk-js reads JSON numbers as doubles and rounds a seed above 2**53 - 1,
+# so a drawn seed it is sent back could not reproduce the image. Seeds we draw stay below this;
+# a client may still send any seed up to MAX_SEED.
+MAX_RANDOM_SEED = 2**53 - 1
+# 30 days: longer than any store keeps an image, and far from overflowing a timestamp.
+MAX_TTL_S = 30 * 24 * 3600
+MAX_SEARCH_OFFSET = 1_000_000
 OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
 OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
 SIZE_PARAMETERS = ("width", "height")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The JSON-schema side of the validators below, so that a schema-driven fuzzer's "valid" data
+# is valid here too; each pattern accepts a subset of what the validator takes.
+_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_UUID4_PATTERN = (
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
+)
+_HTTP_URL_PATTERN = (
+    r"^[hH][tT][tT][pP][sS]?://[A-Za-z][A-Za-z0-9-]{0,62}(\.[A-Za-z][A-Za-z0-9-]{0,62}){0,2}"
+    r"(:[1-9][0-9]{0,3})?(/[!-~]*)?$"
+)
+# One character that is not whitespace to JavaScript's `\s` nor to Python's `str.strip`.
+_NOT_BLANK_PATTERN = r"[^\s\x1c-\x1f\x85]"
+_HTTP_PREFIX_PATTERN = r"^[hH][tT][tT][pP][sS]?://"
+_OUTPUT_FORMAT_PATTERN = r"^([Jj][Pp][Ee]?[Gg]|[Pp][Nn][Gg]|[Ww][Ee][Bb][Pp])$"
+
+
+@dataclass(frozen=True)
+class JsonPattern:
+    """Annotation that adds a `pattern` to a type's JSON schema (the validator does the check)."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["pattern"] = self.pattern
+        return json_schema
 
 
 def is_uuid4(value: str) -> bool:
@@ -56,6 +99,24 @@ def _check_uuid4(value: str) -> str:
     if not is_uuid4(value):
         raise ValueError("must be a UUID v4 string such as 'f47ac10b-58cc-4372-a567-0e02b2c3d493'")
     return value
+
+
+def _check_printable(value: str) -> str:
+    # Names and tags end up in logs and provider requests, where CR/LF would forge lines.
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _check_url(value: str) -> str:
+    problem = url_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _check_image_string(value: str) -> str:
+    return _check_url(value) if looks_like_http_url(value) else value
 
 
 def _reference_item(value: Any) -> Any:
@@ -77,20 +138,53 @@ def _output_format(value: Any) -> Any:
     return value
 
 
-UUID4 = Annotated[str, AfterValidator(_check_uuid4)]
+def _integral_float(value: Any) -> Any:
+    # compat: JSON has one number type; `512.0` is the integer 512 to a JavaScript server such
+    # as Runware's and to JSON Schema (so schemathesis sends it), though never 512.5 or `true`.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Constraints go inside the Annotated, before this, or the JSON schema of an optional field
+# gets pydantic's `ge`/`le` instead of `minimum`/`maximum`.
+INTEGRAL = BeforeValidator(_integral_float)
+UUID4 = Annotated[str, AfterValidator(_check_uuid4), JsonPattern(_UUID4_PATTERN)]
+Name = Annotated[str, AfterValidator(_check_printable), JsonPattern(_NO_CONTROL_PATTERN)]
+HttpURL = Annotated[str, AfterValidator(_check_url), JsonPattern(_HTTP_URL_PATTERN)]
+# Image strings carry no length bound of their own: a data URI may be as long as the body.
+ImageString = Annotated[
+    str,
+    Field(min_length=1),
+    AfterValidator(_check_image_string),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _HTTP_URL_PATTERN, "maxLength": 2048},
+                {"type": "string", "minLength": 1, "not": {"pattern": _HTTP_PREFIX_PATTERN}},
+            ]
+        }
+    ),
+]
+OutputType = Literal["URL", "base64Data", "dataURI"]
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ReferenceImageIn(WireModel):
-    image: str = Field(min_length=1)
-    tag: str | None = None
+    image: ImageString
+    tag: Name | None = Field(default=None, max_length=64)
 
 
 ReferenceImageList = Annotated[
-    list[Annotated[ReferenceImageIn, BeforeValidator(_reference_item)]],
+    list[
+        Annotated[
+            ReferenceImageIn,
+            BeforeValidator(_reference_item, json_schema_input_type=ImageString | ReferenceImageIn),
+        ]
+    ],
     Field(min_length=1, max_length=3),
 ]
 
@@ -117,7 +211,7 @@ class ProviderSettingsIn(WireModel):
 class SafetyIn(WireModel):
     checkContent: bool | None = None
     blockContent: bool | None = None
-    mode: str | None = None
+    mode: Name | None = Field(default=None, max_length=50)
     checkInputs: bool | None = None
     tolerance: bool | None = None
 
@@ -125,32 +219,43 @@ class SafetyIn(WireModel):
 class ImageInferenceIn(WireModel):
     taskType: Literal["imageInference"]
     taskUUID: UUID4
-    model: str = Field(min_length=1, max_length=200)
-    positivePrompt: str = Field(min_length=1, max_length=1000)
+    model: Name = Field(min_length=1, max_length=200)
+    positivePrompt: Annotated[str, JsonPattern(_NOT_BLANK_PATTERN)] = Field(
+        min_length=1, max_length=1000
+    )
     negativePrompt: str | None = Field(default=None, max_length=1000)
-    width: int | None = Field(default=None, ge=1, le=16384)
-    height: int | None = Field(default=None, ge=1, le=16384)
-    numberResults: int = Field(default=1, ge=1, le=20)
+    width: Annotated[int, Field(ge=1, le=16384), INTEGRAL] | None = None
+    height: Annotated[int, Field(ge=1, le=16384), INTEGRAL] | None = None
+    numberResults: Annotated[int, Field(ge=1, le=20), INTEGRAL] = 1
     outputType: Annotated[
-        Literal["URL", "base64Data", "dataURI"], BeforeValidator(_single_output_type)
+        OutputType,
+        BeforeValidator(
+            _single_output_type,
+            json_schema_input_type=OutputType
+            | Annotated[list[OutputType], Field(min_length=1, max_length=1)],
+        ),
     ] = "URL"
-    outputFormat: Annotated[Literal["JPG", "PNG", "WEBP"], BeforeValidator(_output_format)] = "JPG"
-    outputQuality: int = Field(default=95, ge=20, le=99)
-    ttl: int | None = Field(default=None, ge=60)
+    outputFormat: Annotated[
+        Literal["JPG", "PNG", "WEBP"],
+        BeforeValidator(_output_format),
+        WithJsonSchema({"type": "string", "pattern": _OUTPUT_FORMAT_PATTERN, "default": "JPG"}),
+    ] = "JPG"
+    outputQuality: Annotated[int, Field(ge=20, le=99), INTEGRAL] = 95
+    ttl: Annotated[int, Field(ge=60, le=MAX_TTL_S), INTEGRAL] | None = None
     includeCost: bool = False
     deliveryMethod: Literal["sync", "async"] = "sync"
-    webhookURL: str | None = Field(default=None, min_length=1, max_length=2048)
-    uploadEndpoint: str | None = Field(default=None, min_length=1, max_length=4096)
+    webhookURL: HttpURL | None = Field(default=None, min_length=1, max_length=2048)
+    uploadEndpoint: HttpURL | None = Field(default=None, min_length=1, max_length=4096)
     referenceImages: ReferenceImageList | None = None
     inputs: InputsIn | None = None
     providerSettings: ProviderSettingsIn | None = None
     safety: SafetyIn | None = None
     checkNSFW: bool | None = None
     checkNsfw: bool | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(default=None, ge=1, le=100)
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), INTEGRAL] | None = None
+    steps: Annotated[int, Field(ge=1, le=100), INTEGRAL] | None = None
     CFGScale: float | None = Field(default=None, ge=0, le=50)
-    scheduler: str | None = Field(default=None, min_length=1, max_length=100)
+    scheduler: Name | None = Field(default=None, min_length=1, max_length=100)
     strength: float | None = Field(default=None, ge=0, le=1)
 
     @field_validator("positivePrompt")
@@ -172,7 +277,7 @@ class ImageInferenceIn(WireModel):
 class ImageUploadIn(WireModel):
     taskType: Literal["imageUpload"]
     taskUUID: UUID4
-    image: str = Field(min_length=1)
+    image: ImageString
 
 
 class GetResponseIn(WireModel):
@@ -184,27 +289,28 @@ class ModelSearchIn(WireModel):
     taskType: Literal["modelSearch"]
     taskUUID: UUID4
     search: str | None = Field(default=None, max_length=200)
-    tags: list[str] | None = None
-    category: str | None = None
-    type: str | None = None
-    architecture: str | None = None
-    conditioning: str | None = None
+    tags: list[Annotated[Name, Field(max_length=100)]] | None = Field(default=None, max_length=50)
+    category: Name | None = Field(default=None, max_length=100)
+    type: Name | None = Field(default=None, max_length=100)
+    architecture: Name | None = Field(default=None, max_length=100)
+    conditioning: Name | None = Field(default=None, max_length=100)
     visibility: Literal["public", "private", "all"] | None = None
-    limit: int = Field(default=20, ge=1, le=100)
-    offset: int = Field(default=0, ge=0)
+    limit: Annotated[int, Field(ge=1, le=100), INTEGRAL] = 20
+    offset: Annotated[int, Field(ge=0, le=MAX_SEARCH_OFFSET), INTEGRAL] = 0
 
 
 class PingIn(WireModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, allow_inf_nan=False)
     taskType: Literal["ping"]
     ping: bool = True
-    taskUUID: str | None = None
+    # Echoed in the pong, so held to the size of an identifier.
+    taskUUID: Name | None = Field(default=None, max_length=100)
 
 
 class AuthenticationIn(WireModel):
     taskType: Literal["authentication"]
     apiKey: str = Field(min_length=1, max_length=512)
-    connectionSessionUUID: str | None = None
+    connectionSessionUUID: Name | None = Field(default=None, max_length=100)
 
 
 TaskIn = (
@@ -220,17 +326,24 @@ TASK_MODELS: dict[str, type[WireModel]] = {
     "authentication": AuthenticationIn,
 }
 
+# A taskType or taskUUID is echoed in error items only when it could be one: short, and free of
+# control characters and lone surrogates, so a reply or a log line cannot be bloated or forged.
+_MAX_ECHOED = 128
+
+
+def _echoable(value: Any) -> str | None:
+    if not isinstance(value, str) or len(value) > _MAX_ECHOED:
+        return None
+    if _CONTROL.search(value) or _SURROGATE.search(value):
+        return None
+    return value
+
 
 def task_context(raw: Any) -> tuple[str | None, str | None]:
-    """The (taskType, taskUUID) of a raw task, as far as they are strings, for error items."""
+    """The (taskType, taskUUID) of a raw task, where they are sane strings, for error items."""
     if not isinstance(raw, dict):
         return None, None
-    task_type = raw.get("taskType")
-    task_uuid = raw.get("taskUUID")
-    return (
-        task_type if isinstance(task_type, str) else None,
-        task_uuid if isinstance(task_uuid, str) else None,
-    )
+    return _echoable(raw.get("taskType")), _echoable(raw.get("taskUUID"))
 
 
 def parse_task(raw: Any) -> TaskIn:
@@ -248,17 +361,51 @@ def parse_task(raw: Any) -> TaskIn:
     model = TASK_MODELS.get(task_type or "")
     if model is None:
         supported = ", ".join(TASK_MODELS)
+        given = f"Task type {task_type!r}" if task_type is not None else "This taskType"
         raise InvalidParameter(
-            f"Task type {raw['taskType']!r} is not supported; supported: {supported}.",
+            f"{given} is not supported; supported: {supported}.",
             code="unsupportedTaskType",
             parameter="taskType",
             task_type=task_type,
             task_uuid=task_uuid,
         )
     try:
-        return model.model_validate(raw)  # type: ignore[return-value]
+        task = model.model_validate(raw)
     except ValidationError as exc:
-        raise error_from_validation(exc.errors()[0]).for_task(task_type, task_uuid) from None
+        first = exc.errors(include_url=False, include_input=False)[0]
+        raise error_from_validation(first).for_task(task_type, task_uuid) from None
+    bad_text = _lone_surrogate_path(task, ())
+    if bad_text is not None:
+        raise error_from_validation(
+            {
+                "type": "value_error",
+                "loc": bad_text,
+                "msg": "must be valid Unicode text (it has a lone surrogate)",
+                "input": None,
+            }
+        ).for_task(task_type, task_uuid)
+    return task  # type: ignore[return-value]
+
+
+def _lone_surrogate_path(value: Any, path: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """Where a string with a lone surrogate is: JSON lets `\\ud800` through, pydantic refuses it
+    in some string fields but not all, and UTF-8 storage, logs and JSON serialisers choke."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, BaseModel):
+        items: Any = ((name, getattr(value, name)) for name in type(value).model_fields)
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate_path(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def _parameter_path(loc: tuple[int | str, ...]) -> str:
@@ -266,13 +413,11 @@ def _parameter_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        else:
-            path += f".{part}" if path else part
+            continue
+        # An unknown key is the client's text: quoted and cut so it cannot forge a log line.
+        name = part if _PLAIN_KEY.fullmatch(part) else ascii(part[:64])
+        path += f".{name}" if path else name
     return path
-
-
-def _code_name(parameter: str) -> str:
-    return parameter[0].upper() + parameter[1:]
 
 
 def error_from_validation(error: ErrorDetails) -> ImpastoError:
@@ -287,7 +432,7 @@ def error_from_validation(error: ErrorDetails) -> ImpastoError:
         name = str(loc[-1])
         if root == "providerSettings" and len(loc) == 2:
             return InvalidParameter(
-                f"Unknown provider {name!r} in providerSettings.",
+                f"Unknown provider {_parameter_path(loc[-1:])} in providerSettings.",
                 code="unknownProviderSettingsProvider",
                 parameter=parameter,
             )
@@ -297,10 +442,12 @@ def error_from_validation(error: ErrorDetails) -> ImpastoError:
                 f"Parameter {parameter} is not supported by impasto.", parameter=parameter
             )
         return UnknownParameter(f"Unknown parameter {parameter}.", parameter=parameter)
+    if not named:
+        return InvalidParameter(f"Invalid task: {error['msg']}.")
     if kind == "missing" and len(loc) == 1:
         return InvalidParameter(
             f"Missing required parameter {parameter}.",
-            code=f"missing{_code_name(named)}",
+            code=f"missing{code_name(named)}",
             parameter=parameter,
         )
     message = str(error["msg"])
@@ -308,113 +455,6 @@ def error_from_validation(error: ErrorDetails) -> ImpastoError:
         message = message[len("Value error, ") :]
     return InvalidParameter(
         f"Invalid value for {parameter} parameter: {message}.",
-        code=f"invalid{_code_name(named)}",
+        code=f"invalid{code_name(named)}",
         parameter=parameter,
     )
-
-
-def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
-    """Model-specific rules: sizes, parameters the model takes, result and reference counts."""
-    given = task.model_fields_set
-    for name in sorted(GENERATION_PARAMETERS & given):
-        if not rules.accepts(name):
-            raise UnsupportedParameter(
-                f"Parameter {name} is not supported by model {rules.air}.", parameter=name
-            )
-    _check_size(task, rules)
-    if task.numberResults > rules.max_results:
-        raise InvalidParameter(
-            f"Invalid value for numberResults parameter: model {rules.air} makes at most "
-            f"{rules.max_results} images per task.",
-            code="invalidNumberResults",
-            parameter="numberResults",
-        )
-    _check_reference_images(task, rules)
-    if rules.provider == "runway":
-        _check_runway_inputs(task)
-    if task.providerSettings is not None:
-        for provider in task.providerSettings.providers():
-            if provider != rules.provider:
-                raise InvalidParameter(
-                    f"providerSettings.{provider} does not match model {rules.air}.",
-                    code="mismatchProviderSettingsProvider",
-                    parameter=f"providerSettings.{provider}",
-                )
-
-
-def _check_size(task: ImageInferenceIn, rules: ModelRules) -> None:
-    if (task.width is None) != (task.height is None):
-        missing = "height" if task.height is None else "width"
-        raise InvalidParameter(
-            "width and height must be given together.",
-            code=f"missing{_code_name(missing)}",
-            parameter=missing,
-        )
-    if task.width is None or task.height is None:
-        return
-    problem = rules.sizes.check((task.width, task.height))
-    if problem is None:
-        return
-    parameter = "width"
-    allowed = rules.sizes.allowed
-    if allowed is not None:
-        if any(w == task.width for w, _ in allowed):
-            parameter = "height"
-    elif rules.sizes.min_side <= task.width <= rules.sizes.max_side:
-        parameter = "height"
-    raise InvalidParameter(
-        f"Invalid value for {parameter} parameter for model {rules.air}: {problem}.",
-        code=f"invalid{_code_name(parameter)}",
-        parameter=parameter,
-    )
-
-
-def _check_reference_images(task: ImageInferenceIn, rules: ModelRules) -> None:
-    top = task.referenceImages
-    nested = task.inputs.referenceImages if task.inputs is not None else None
-    if top and nested:
-        raise InvalidParameter(
-            "Give referenceImages either at top level or under inputs, not both.",
-            code="invalidReferenceImages",
-            parameter="referenceImages",
-        )
-    parameter = "inputs.referenceImages" if nested else "referenceImages"
-    count = len(task.reference_images())
-    if count and rules.max_reference_images == 0:
-        raise UnsupportedParameter(
-            f"Model {rules.air} does not take reference images.", parameter=parameter
-        )
-    if count > rules.max_reference_images:
-        raise InvalidParameter(
-            f"Model {rules.air} takes at most {rules.max_reference_images} reference images.",
-            code="invalidReferenceImages",
-            parameter=parameter,
-        )
-    if count < rules.min_reference_images:
-        raise InvalidParameter(
-            f"Model {rules.air} needs at least {rules.min_reference_images} reference image(s).",
-            code="missingReferenceImages",
-            parameter="inputs.referenceImages",
-        )
-
-
-def _check_runway_inputs(task: ImageInferenceIn) -> None:
-    """What Runway would refuse after the task was accepted: tags and the prompt length it
-    measures in UTF-16 code units (an emoji counts twice)."""
-    if len(task.positivePrompt.encode("utf-16-le")) // 2 > RUNWAY_MAX_PROMPT_UNITS:
-        raise InvalidParameter(
-            "Invalid value for positivePrompt parameter: Runway takes at most "
-            f"{RUNWAY_MAX_PROMPT_UNITS} UTF-16 code units (characters outside the basic "
-            "plane, such as emoji, count as two).",
-            code="invalidPositivePrompt",
-            parameter="positivePrompt",
-        )
-    base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
-    for i, ref in enumerate(task.reference_images()):
-        if ref.tag is not None and not RUNWAY_TAG.fullmatch(ref.tag):
-            raise InvalidParameter(
-                f"Invalid value for {base}[{i}].tag parameter: a tag is 3-16 characters, starts "
-                "with a letter and has only letters, digits and underscores.",
-                code="invalidReferenceImages",
-                parameter=f"{base}[{i}].tag",
-            )

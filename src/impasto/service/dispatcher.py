@@ -19,6 +19,7 @@ from impasto.protocol.errors import (
     ImpastoError,
     InvalidParameter,
     SyncTimeout,
+    TooManyTasks,
     http_status_for,
 )
 from impasto.protocol.results import ack_item
@@ -34,6 +35,7 @@ from impasto.protocol.tasks import (
     parse_task,
     task_context,
 )
+from impasto.service.acceptance import owner_of
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
 from impasto.service.models import ModelSearchService
@@ -42,6 +44,17 @@ from impasto.service.uploads import UploadService
 from impasto.state.base import EventBus
 
 log = logging.getLogger("impasto.dispatcher")
+
+
+def after_acceptance(error: ImpastoError) -> ImpastoError:
+    """An error of a task that was accepted: its outcome, not a failed request.
+
+    compat: runware-sdk's REST transport retries 408, 429 and 5xx with the same taskUUID,
+    which can only earn conflictTaskUUID once the task exists; its outcome goes in a 200
+    reply so the SDK reports the real cause (the same reasoning as syncTimeout's 202)."""
+    if error.http_status != SyncTimeout.http_status:
+        error.http_status = 200
+    return error
 
 
 @dataclass
@@ -80,6 +93,11 @@ class Authenticator:
     def open(self) -> bool:
         return not self._keys
 
+    def owner(self, key: str | None) -> str | None:
+        """Whom a task belongs to: a digest of the key, or nobody on an open server (where
+        any client may read any task, as before keys were set)."""
+        return None if self.open else owner_of(key)
+
     def check(self, key: str | None) -> None:
         if self.open:
             return
@@ -113,6 +131,7 @@ class TaskDispatcher:
         responses: ResponseService,
         models: ModelSearchService,
         sync_timeout_s: float,
+        max_tasks: int = 100,
         metrics: Metrics | None = None,
     ) -> None:
         self.auth = auth
@@ -123,6 +142,7 @@ class TaskDispatcher:
         self._models = models
         self._metrics = metrics
         self._sync_timeout_s = sync_timeout_s
+        self.max_tasks = max_tasks
 
     async def handle_request(self, raw_tasks: list[Any], bearer: str | None) -> Envelope:
         """A whole REST request: authenticate, then run every task."""
@@ -146,22 +166,26 @@ class TaskDispatcher:
             self.auth.check(key)
         except AuthError as exc:
             return Envelope(errors=[exc])
-        results = await asyncio.gather(*(self.handle_task(raw) for raw in tasks))
+        if len(tasks) > self.max_tasks:
+            return Envelope(errors=[too_many_tasks(len(tasks), self.max_tasks)])
+        owner = self.auth.owner(key)
+        results = await asyncio.gather(*(self.handle_task(raw, owner) for raw in tasks))
         envelope = Envelope()
         for result in results:
             envelope.extend(result)
         return envelope
 
-    async def handle_task(self, raw: Any) -> Envelope:
+    async def handle_task(self, raw: Any, owner: str | None = None) -> Envelope:
         """One task, already authenticated: everything it produced, in one envelope."""
         envelope = Envelope()
-        async for part in self.stream_task(raw):
+        async for part in self.stream_task(raw, owner):
             envelope.extend(part)
         return envelope
 
-    async def stream_task(self, raw: Any) -> AsyncIterator[Envelope]:
-        """One task, already authenticated, as it happens: a sync imageInference yields each
-        image (or distinct error) as soon as it is stored; other tasks yield once."""
+    async def stream_task(self, raw: Any, owner: str | None = None) -> AsyncIterator[Envelope]:
+        """One task, already authenticated (by the key whose `owner` digest is given), as it
+        happens: a sync imageInference yields each image (or distinct error) as soon as it is
+        stored; other tasks yield once."""
         task_type, task_uuid = task_context(raw)
         # Each task runs in an asyncio task of its own: the variable is this task's alone.
         current_task.set(task_uuid)
@@ -169,13 +193,13 @@ class TaskDispatcher:
             task = parse_task(raw)
             if isinstance(task, ImageInferenceIn) and task.deliveryMethod == "sync":
                 outcome = "ok"
-                async for part in self._stream_inference(task):
+                async for part in self._stream_inference(task, owner):
                     if part.errors and outcome == "ok":
                         outcome = part.errors[0].code
                     yield part
                 self._count(task_type, outcome)
                 return
-            envelope = await self._run(task)
+            envelope = await self._run(task, owner)
         except ImpastoError as exc:
             envelope = Envelope(errors=[exc.for_task(task_type, task_uuid)])
         except Exception:
@@ -192,14 +216,14 @@ class TaskDispatcher:
             known = task_type if task_type in TASK_MODELS else "unknown"
             self._metrics.tasks.labels(known, outcome).inc()
 
-    async def _run(self, task: TaskIn) -> Envelope:
+    async def _run(self, task: TaskIn, owner: str | None) -> Envelope:
         if isinstance(task, ImageInferenceIn):
-            await self._inference.submit(task)
+            await self._inference.submit(task, owner)
             return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
         if isinstance(task, ImageUploadIn):
-            return Envelope(data=[await self._uploads.upload(task)])
+            return Envelope(data=[await self._uploads.upload(task, owner)])
         if isinstance(task, GetResponseIn):
-            return Envelope(data=await self._responses.items(task))
+            return Envelope(data=await self._responses.items(task, owner))
         if isinstance(task, ModelSearchIn):
             return Envelope(data=[self._models.search(task)])
         if isinstance(task, PingIn):
@@ -212,9 +236,11 @@ class TaskDispatcher:
             )
         raise AssertionError(f"unhandled task {type(task).__name__}")
 
-    async def _stream_inference(self, task: ImageInferenceIn) -> AsyncIterator[Envelope]:
+    async def _stream_inference(
+        self, task: ImageInferenceIn, owner: str | None
+    ) -> AsyncIterator[Envelope]:
         async with self._bus.subscribe(task.taskUUID) as subscription:
-            await self._inference.submit(task)
+            await self._inference.submit(task, owner)
             seen: set[tuple[str, str]] = set()
             try:
                 async for result in self._inference.follow(
@@ -227,10 +253,21 @@ class TaskDispatcher:
                     # One error item per distinct failure, not one per failed image.
                     if (error.code, error.message) not in seen:
                         seen.add((error.code, error.message))
-                        yield Envelope(errors=[error])
-            except SyncTimeout as exc:
-                yield Envelope(errors=[exc.for_task(task.taskType, task.taskUUID)])
+                        yield Envelope(errors=[after_acceptance(error)])
+                failures = await self._inference.upload_failures(task.taskUUID)
+            except ImpastoError as exc:
+                # SyncTimeout, or the state store went away while we waited: the task is
+                # accepted and goes on; getResponse has its results.
+                yield Envelope(
+                    errors=[after_acceptance(exc.for_task(task.taskType, task.taskUUID))]
+                )
                 return
-            failures = await self._inference.upload_failures(task.taskUUID)
             if failures:
-                yield Envelope(errors=failures)
+                yield Envelope(errors=[after_acceptance(e) for e in failures])
+
+
+def too_many_tasks(count: int, limit: int) -> ImpastoError:
+    return TooManyTasks(
+        f"The request has {count} tasks; at most {limit} are taken at once "
+        "(IMPASTO_MAX_TASKS_PER_REQUEST)."
+    )

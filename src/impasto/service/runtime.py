@@ -27,6 +27,7 @@ from impasto.backends.factory import (
     RunwayOptions,
     create_backend,
     models_without_keys,
+    unavailable_models,
 )
 from impasto.backends.registry import ModelRegistry
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
@@ -41,6 +42,7 @@ from impasto.service.models import ModelSearchService
 from impasto.service.responses import ResponseService
 from impasto.service.safety import load_content_safety
 from impasto.service.sessions import SessionRegistry
+from impasto.service.supervisor import Supervisor
 from impasto.service.uploads import UploadService
 from impasto.service.worker import Worker
 from impasto.settings import Settings
@@ -120,9 +122,23 @@ class Runtime:
     sweeper: Sweeper
     sessions: SessionRegistry
     metrics: Metrics
+    supervisor: Supervisor
     started_at: float
     role: Role = "single"
     worker: Worker | None = None
+
+    async def problems(self) -> list[str]:
+        """Why this process cannot do its job right now; empty when healthy."""
+        found = self.supervisor.problems()
+        try:
+            await self.state.ping()
+        except Exception as exc:
+            found.append(f"state store unavailable: {getattr(exc, 'message', type(exc).__name__)}")
+        if not self.bus.healthy:
+            found.append("event bus is not connected")
+        if self.worker is not None:
+            found.extend(self.worker.problems())
+        return found
 
     @classmethod
     @asynccontextmanager
@@ -194,6 +210,9 @@ class Runtime:
             max_pixels=settings.max_image_pixels,
             fetch_timeout_s=settings.fetch_timeout_s,
         )
+        # The outbox's wake-up, made first: inference queues deliveries and wakes the outbox,
+        # the outbox reports settled uploads back to inference.
+        outbox_wakeup = asyncio.Event()
         inference = InferenceService(
             registry=registry,
             state=state,
@@ -204,8 +223,12 @@ class Runtime:
             encode_pool=encode_pool,
             image_base_url=settings.image_base_url,
             output_retention_s=settings.output_retention_s,
+            # Stored inputs outlive any re-run of their task.
+            input_retention_s=settings.task_retention_s + settings.output_retention_s,
             safety=await load_content_safety(settings),
             guard=guard,
+            wake_outbox=outbox_wakeup.set,
+            unavailable=unavailable_models(registry, context),
             queue=queue if role == "api" else None,
             max_queued=settings.max_queued_images,
         )
@@ -226,8 +249,8 @@ class Runtime:
             on_settled=_counted(inference.on_delivery_settled, metrics),
             # Other processes queue deliveries too: look for due ones at least every second.
             poll_interval_s=1.0 if role != "single" else None,
+            wakeup=outbox_wakeup,
         )
-        inference.attach_outbox(outbox.wake)
         uploads = UploadService(
             state=state,
             images=images,
@@ -244,6 +267,7 @@ class Runtime:
             responses=ResponseService(state),
             models=ModelSearchService(registry),
             sync_timeout_s=settings.sync_timeout_s,
+            max_tasks=settings.max_tasks_per_request,
             metrics=metrics,
         )
         sweeper = Sweeper(
@@ -263,8 +287,13 @@ class Runtime:
             dispatcher=dispatcher,
             inference=inference,
             sweeper=sweeper,
-            sessions=SessionRegistry(ttl_s=settings.ws_session_ttl_s),
+            sessions=SessionRegistry(
+                ttl_s=settings.ws_session_ttl_s,
+                max_buffered_bytes=settings.ws_session_buffer_bytes,
+                max_sessions=settings.ws_max_sessions,
+            ),
             metrics=metrics,
+            supervisor=Supervisor(),
             started_at=time.time(),
             role=role,
         )
@@ -288,17 +317,13 @@ class Runtime:
         if role == "single":
             # Distributed jobs are not lost with a process: the queue's leases hand them on.
             await runtime._recover()
-        background = [
-            asyncio.create_task(sweeper.run(), name="sweeper"),
-            asyncio.create_task(outbox.run(), name="outbox"),
-            asyncio.create_task(runtime.sessions.run(), name="sessions"),
-        ]
+        runtime.supervisor.start("sweeper", sweeper.run)
+        runtime.supervisor.start("outbox", outbox.run)
+        runtime.supervisor.start("sessions", runtime.sessions.run)
         try:
             yield runtime
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await runtime.supervisor.close()
             runtime.sessions.close()
             await outbox.close()
             await scheduler.close()

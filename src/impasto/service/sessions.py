@@ -4,6 +4,10 @@ A session outlives its socket. Frames for a detached session are buffered for `t
 and flushed, in order, when the client re-authenticates with its connectionSessionUUID; the
 tasks a session started keep running meanwhile (their results are in the StateStore anyway).
 A session can only be resumed with the API key that opened it.
+
+Everything a client can make the server hold here is bounded: sessions in all
+(`max_sessions`), and per session the frames kept while it is detached, by count
+(`max_buffered`) and by bytes (`max_buffered_bytes`); beyond those the oldest frames go.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -19,61 +24,115 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from impasto.protocol.errors import ServiceUnavailable
+
 log = logging.getLogger("impasto.sessions")
 
 Frame = dict[str, Any]
-Sender = Callable[[Frame], Awaitable[None]]
+# A sender takes a frame's JSON text: a frame is encoded once, whether it is sent or kept.
+Sender = Callable[[str], Awaitable[None]]
+Clock = Callable[[], float]
+
+DEFAULT_MAX_BUFFERED = 1000
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SESSIONS = 10_000
+
+
+def encode_frame(frame: Frame) -> str:
+    """The wire text of a frame. ASCII only, so its length is its size in bytes."""
+    return json.dumps(frame, ensure_ascii=True, separators=(",", ":"))
 
 
 class Session:
     """One client's session: an attached sender, or a buffer while it has none."""
 
-    def __init__(self, session_uuid: str, owner: str, max_buffered: int) -> None:
+    def __init__(
+        self,
+        session_uuid: str,
+        owner: str,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.session_uuid = session_uuid
         self.owner = owner
+        self._max_buffered = max_buffered
+        self._max_buffered_bytes = max_buffered_bytes
+        self._clock = clock
         self._sender: Sender | None = None
-        self._buffer: deque[Frame] = deque(maxlen=max_buffered)
+        self._buffer: deque[str] = deque()
+        self._buffered_bytes = 0
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.detached_at: float | None = time.monotonic()
+        self._warned = False
+        self.dropped = 0
+        self.detached_at: float | None = clock()
 
     @property
     def attached(self) -> bool:
         return self._sender is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing kept: forgetting this session loses nothing."""
+        return not self._tasks and not self._buffer
 
     async def attach(self, sender: Sender) -> None:
         """Deliver to `sender` from now on, starting with what was buffered."""
         async with self._lock:
             self._sender = sender
             self.detached_at = None
+            self._warned = False
             while self._buffer and self._sender is not None:
-                frame = self._buffer[0]
-                if not await self._send(frame):
+                if not await self._send(self._buffer[0]):
                     return
-                self._buffer.popleft()
+                self._buffered_bytes -= len(self._buffer.popleft())
 
     def detach(self, sender: Sender) -> None:
         """The socket behind `sender` is gone; buffer from now on (unless another took over)."""
         if self._sender is sender:
             self._sender = None
-            self.detached_at = time.monotonic()
+            self.detached_at = self._clock()
 
     async def deliver(self, frame: Frame) -> None:
         """Send now if attached, else keep it for when the client comes back."""
+        text = encode_frame(frame)
         async with self._lock:
-            if self._sender is None or not await self._send(frame):
-                if len(self._buffer) == self._buffer.maxlen:
-                    log.warning("session %s buffer full; dropping oldest frame", self.session_uuid)
-                self._buffer.append(frame)
+            if self._sender is None or not await self._send(text):
+                self._keep(text)
 
-    async def _send(self, frame: Frame) -> bool:
+    def _keep(self, text: str) -> None:
+        self._buffer.append(text)
+        self._buffered_bytes += len(text)
+        dropped = 0
+        while self._buffer and (
+            len(self._buffer) > self._max_buffered
+            or self._buffered_bytes > self._max_buffered_bytes
+        ):
+            self._buffered_bytes -= len(self._buffer.popleft())
+            dropped += 1
+        if dropped:
+            self.dropped += dropped
+            # Once per detached spell: a client that stays away would otherwise earn a log
+            # line per result.
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "session %s buffer full (%d frames, %d bytes at most); dropping oldest frames",
+                    self.session_uuid,
+                    self._max_buffered,
+                    self._max_buffered_bytes,
+                )
+
+    async def _send(self, text: str) -> bool:
         sender = self._sender
         if sender is None:
             return False
         try:
-            await sender(frame)
+            await sender(text)
         except Exception:
-            # The socket went away mid-send: keep the frame, wait for a resume.
+            # The socket went away mid-send, or its client reads too slowly: keep the frame,
+            # wait for a resume.
             self.detach(sender)
             return False
         return True
@@ -82,41 +141,91 @@ class Session:
         """Run a task of this session; it keeps running while the client is away."""
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settle)
+
+    def _settle(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The dispatcher answers every task's failure with an error item: this is a bug
+            # of ours, and asyncio would only report it when the task is collected.
+            log.error("task of session %s failed", self.session_uuid, exc_info=exc)
 
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         self._buffer.clear()
+        self._buffered_bytes = 0
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered_bytes
+
 
 class SessionRegistry:
-    """All sessions of this process; detached ones expire after `ttl_s`."""
+    """All sessions of this process, at most `max_sessions`; detached ones expire after
+    `ttl_s`."""
 
-    def __init__(self, ttl_s: float = 120.0, max_buffered: int = 1000) -> None:
+    def __init__(
+        self,
+        ttl_s: float = 120.0,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+        *,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._ttl_s = ttl_s
         self._max_buffered = max_buffered
+        self._max_buffered_bytes = max_buffered_bytes
+        self._max_sessions = max_sessions
+        self._clock = clock
         self._sessions: dict[str, Session] = {}
 
     def open(self, resume: str | None, api_key: str) -> Session:
         """The session to resume if it is still known and was opened with `api_key`, else a
-        new one. Only a digest of the key is kept."""
+        new one. Only a digest of the key is kept. Raises ServiceUnavailable
+        (tooManySessions) when a new one would be one too many."""
         owner = hashlib.sha256(api_key.encode()).hexdigest()
         if resume is not None:
             session = self._sessions.get(resume)
             if (
                 session is not None
                 and hmac.compare_digest(session.owner, owner)
-                and not self._expired(session, time.monotonic())
+                and not self._expired(session, self._clock())
             ):
                 return session
-        session = Session(str(uuid.uuid4()), owner, self._max_buffered)
+        if len(self._sessions) >= self._max_sessions:
+            self.reap()
+        if len(self._sessions) >= self._max_sessions:
+            raise ServiceUnavailable(
+                "The server holds as many WebSocket sessions as it may; try again later.",
+                code="tooManySessions",
+                task_type="authentication",
+            )
+        session = Session(
+            str(uuid.uuid4()),
+            owner,
+            self._max_buffered,
+            self._max_buffered_bytes,
+            self._clock,
+        )
         self._sessions[session.session_uuid] = session
         return session
+
+    def release(self, session: Session) -> bool:
+        """Its connection moved on to another session: forget this one if that loses nothing
+        (no socket, no running task, nothing buffered). Whether it was forgotten."""
+        if session.attached or not session.idle:
+            return False
+        if self._sessions.get(session.session_uuid) is not session:
+            return False
+        session.close()
+        del self._sessions[session.session_uuid]
+        return True
 
     def get(self, session_uuid: str) -> Session | None:
         return self._sessions.get(session_uuid)
@@ -126,7 +235,7 @@ class SessionRegistry:
 
     def reap(self) -> int:
         """Forget sessions detached for longer than the TTL, with what they buffered."""
-        now = time.monotonic()
+        now = self._clock()
         expired = [s for s in self._sessions.values() if self._expired(s, now)]
         for session in expired:
             session.close()

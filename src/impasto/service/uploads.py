@@ -1,39 +1,28 @@
 """imageUpload: store a client image (longest side at most the configured limit) and answer
-with its imageUUID and imageURL; the UUID then works anywhere an image is accepted."""
+with its imageUUID and imageURL; the UUID then works anywhere an image is accepted.
+
+The task is created before the image is stored, so that a duplicate taskUUID is refused
+atomically; if storing then fails, the task ends with that error instead of staying
+processing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-import uuid
 from typing import Any
 
-from PIL import Image
-
-from impasto.delivery.codecs import CONTENT_TYPES, EXTENSIONS, encode_image, fit_within
-from impasto.protocol.errors import ConflictTaskUUID
+from impasto.protocol.errors import ConflictTaskUUID, ImpastoError, InferenceError
 from impasto.protocol.tasks import ImageUploadIn
-from impasto.service.images import ImageResolver
+from impasto.service.images import ImageResolver, StorableImage, storable, store_image
 from impasto.state.base import StateStore
-from impasto.state.records import ImageRecord, ResultRecord, TaskRecord
+from impasto.state.records import ResultRecord, TaskRecord
 from impasto.storage.base import ImageStore
 
+log = logging.getLogger("impasto.uploads")
+
 TASK_TYPE = "imageUpload"
-# Formats stored as they came (when not resized); the rest are converted.
-_KEPT = {"JPEG": "JPG", "PNG": "PNG", "WEBP": "WEBP"}
-
-
-def _prepare(
-    image: Image.Image, data: bytes, source_format: str, max_side: int
-) -> tuple[bytes, str, int, int]:
-    fitted = fit_within(image, max_side)
-    output_format = _KEPT.get(source_format)
-    if fitted is image and output_format is not None:
-        return data, output_format, image.width, image.height
-    if output_format is None:
-        output_format = "PNG" if fitted.mode == "RGBA" else "JPG"
-    encoded = encode_image(fitted, output_format, 95)
-    return encoded.data, output_format, fitted.width, fitted.height
 
 
 class UploadService:
@@ -56,19 +45,16 @@ class UploadService:
         self._max_side = max_side
         self._retention_s = retention_s
 
-    async def upload(self, task: ImageUploadIn) -> dict[str, Any]:
+    async def upload(self, task: ImageUploadIn, owner: str | None = None) -> dict[str, Any]:
         if await self._state.get_task(task.taskUUID) is not None:
             raise ConflictTaskUUID(
                 f"taskUUID {task.taskUUID} was already used.", parameter="taskUUID"
             )
         source = await self._resolver.resolve(task.image, parameter="image", code="invalidImage")
-        data, output_format, width, height = await asyncio.to_thread(
-            _prepare, source.image, source.data, source.format, self._max_side
+        image = await asyncio.to_thread(
+            storable, source.image, source.data, source.format, self._max_side
         )
         now = time.time()
-        image_uuid = str(uuid.uuid4())
-        key = f"{image_uuid}.{EXTENSIONS[output_format]}"
-        content_type = CONTENT_TYPES[output_format]
         await self._state.create_task(
             TaskRecord(
                 task_uuid=task.taskUUID,
@@ -76,21 +62,38 @@ class UploadService:
                 request={"taskType": TASK_TYPE, "taskUUID": task.taskUUID},
                 expected=1,
                 created_at=now,
+                extra={"owner": owner} if owner is not None else {},
             )
         )
-        await self._images.put(key, data, content_type)
-        await self._state.put_image(
-            ImageRecord(
-                image_uuid=image_uuid,
-                key=key,
-                content_type=content_type,
-                kind="upload",
-                width=width,
-                height=height,
-                created_at=now,
-                expires_at=now + self._retention_s,
-                task_uuid=task.taskUUID,
+        try:
+            return await self._store(task, image, now)
+        except Exception as exc:
+            if not isinstance(exc, ImpastoError):
+                log.exception("storing upload %s failed", task.taskUUID)
+            error = (
+                exc
+                if isinstance(exc, ImpastoError)
+                else InferenceError("The uploaded image could not be stored.")
             )
+            error.for_task(TASK_TYPE, task.taskUUID)
+            # Best effort: with the state store down this fails too, and the restart recovery
+            # (or the task sweep) ends it; the client gets the error either way.
+            with contextlib.suppress(Exception):
+                await self._state.add_result(
+                    ResultRecord(task.taskUUID, 0, "error", error.to_item(), time.time())
+                )
+                await self._state.finish_task(task.taskUUID, "error", error.to_item(), time.time())
+            raise error from None
+
+    async def _store(self, task: ImageUploadIn, image: StorableImage, now: float) -> dict[str, Any]:
+        image_uuid, key = await store_image(
+            self._images,
+            self._state,
+            image,
+            kind="upload",
+            task_uuid=task.taskUUID,
+            now=now,
+            retention_s=self._retention_s,
         )
         # compat: runware 0.5.24 reads imageURL unconditionally, so it is always present.
         item = {

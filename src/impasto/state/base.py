@@ -18,7 +18,14 @@ from impasto.state.records import (
 
 
 class StateStore(Protocol):
-    """Tasks, result items and image records: the single truth that every delivery path reads."""
+    """Tasks, result items and image records: the single truth that every delivery path reads.
+
+    Every method raises ServiceUnavailable when the backing service cannot be used (StorageFull
+    when it has no space left); after an outage the same store works again without reopening.
+    """
+
+    async def ping(self) -> None:
+        """Return if the store can be used now; raise ServiceUnavailable saying why not."""
 
     async def create_task(self, task: TaskRecord) -> None:
         """Insert a task; raises ConflictTaskUUID if its UUID was used before."""
@@ -114,7 +121,19 @@ class Subscription(Protocol):
 
 
 class EventBus(Protocol):
-    """Announces that a task has a new result, progress, or finished."""
+    """Announces that a task has a new result, progress, or finished.
+
+    `publish` raises ServiceUnavailable when the bus cannot be used. A bus that loses its
+    connection reconnects by itself and then wakes every subscriber once, since what was
+    published meanwhile is lost: subscribers re-read state after every wakeup.
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """Whether notifications are being received now (False while reconnecting)."""
+
+    async def ping(self) -> None:
+        """Return if the bus delivers notifications now; raise ServiceUnavailable if not."""
 
     async def publish(self, task_uuid: str) -> None:
         """Wake everyone subscribed to this task."""
@@ -141,7 +160,11 @@ class JobQueue(Protocol):
     At least once: a job stays owned by the worker that took it until acknowledged; a worker
     that dies without acknowledging lets its lease lapse, and another worker takes the job
     again. Results are stored idempotently per (task, index), so a job run twice stores once.
+    Every method raises ServiceUnavailable when the queue's service cannot be used.
     """
+
+    async def ping(self) -> None:
+        """Return if the queue can be used now; raise ServiceUnavailable saying why not."""
 
     async def put(self, jobs: Sequence[QueuedJob]) -> None:
         """Queue jobs (each for its own model's queue)."""

@@ -32,6 +32,14 @@ class LocalEventBus:
     def __init__(self) -> None:
         self._subscribers: defaultdict[str, set[LocalSubscription]] = defaultdict(set)
 
+    @property
+    def healthy(self) -> bool:
+        """Always: nothing outside the process can fail it."""
+        return True
+
+    async def ping(self) -> None:
+        """Nothing to check in one process."""
+
     async def publish(self, task_uuid: str) -> None:
         for subscription in self._subscribers.get(task_uuid, ()):
             subscription.notify()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 TaskStatus = Literal["processing", "success", "error"]
 ResultStatus = Literal["success", "error"]
-ImageKind = Literal["output", "upload"]
+ImageKind = Literal["output", "upload", "input"]
 DeliveryKind = Literal["webhook", "upload"]
 DeliveryStatus = Literal["pending", "done", "failed"]
 

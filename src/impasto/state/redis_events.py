@@ -13,6 +13,10 @@ subscriber, so that each re-reads the state it follows and catches up on what it
 disconnected, a subscriber's `wait(timeout)` is bounded by its timeout like any other wait; the
 caller re-reads state after a wakeup or a timeout (as `InferenceService.follow` does), so a
 lost message delays a follower but never leaves it with stale state.
+
+`healthy` (and `ping()`, which raises ServiceUnavailable instead of answering False) tells a
+readiness check whether notifications flow: not while the reader is reconnecting, and never
+again if the reader itself has died. `publish` raises ServiceUnavailable while Redis is away.
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from impasto.protocol.errors import ServiceUnavailable
 from impasto.state.events import LocalEventBus, LocalSubscription
+from impasto.state.redis_errors import (
+    RedisFailures,
+    guarded,
+    reconnecting_retry,
+    redis_location,
+)
 
 log = logging.getLogger("impasto.events")
 
@@ -53,6 +64,7 @@ class RedisEventBus:
     ) -> None:
         self._url = url
         self._channel = f"{prefix}:events"
+        self._failures = RedisFailures(f"the event bus ({redis_location(url)})")
         self._open_timeout_s = open_timeout_s
         self._ping_interval_s = ping_interval_s
         self._min_backoff_s = min_backoff_s
@@ -79,9 +91,26 @@ class RedisEventBus:
         """Whether the process-wide subscription is believed live (for readiness checks)."""
         return self._live
 
+    @property
+    def healthy(self) -> bool:
+        """Subscribed, with the reader running: notifications from other processes arrive."""
+        return self._live and self._reader is not None and not self._reader.done()
+
+    async def ping(self) -> None:
+        """Raise ServiceUnavailable unless `healthy`, saying whether the reader is
+        reconnecting or has died."""
+        if self._reader is None:
+            raise RuntimeError("RedisEventBus used before open()")
+        if self._reader.done():
+            raise self._failures.unavailable("stopped listening: its reader has ended")
+        if not self._live:
+            raise self._failures.unavailable(
+                "is reconnecting to Redis; notifications from other nodes are delayed"
+            )
+
     async def open(self) -> None:
         """Connect and subscribe; returns once Redis has confirmed the subscription."""
-        self._client = Redis.from_url(self._url, decode_responses=True)
+        self._client = Redis.from_url(self._url, decode_responses=True, retry=reconnecting_retry())
         # The pub/sub connection gets a client of its own with redis-py's retries off, so that
         # reconnecting follows one policy (the reader's backoff), is logged, and is counted.
         self._listener = Redis.from_url(
@@ -95,10 +124,11 @@ class RedisEventBus:
         if not await self.wait_subscribed(self._open_timeout_s):
             error = self._last_error
             await self.close()
-            raise ConnectionError(
-                f"could not subscribe to {self._channel} on Redis within "
-                f"{self._open_timeout_s:g} s: {error}"
-            )
+            raise _SubscribeFailed(
+                self._failures.unavailable(
+                    f"could not subscribe to {self._channel} within {self._open_timeout_s:g} s"
+                ).message
+            ) from error
 
     async def wait_subscribed(self, timeout: float | None, *, beyond: int = 0) -> bool:
         """True once the subscription is live with a generation above `beyond`, False on
@@ -113,6 +143,7 @@ class RedisEventBus:
                 return False
         return True
 
+    @guarded
     async def publish(self, task_uuid: str) -> None:
         """Wake the task's subscribers in this process now, and in every process via Redis."""
         if self._client is None:
@@ -217,5 +248,11 @@ class RedisEventBus:
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
+            # Anything raised here would end the reader, and with it every wakeup.
+            with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+
+class _SubscribeFailed(ServiceUnavailable, ConnectionError):
+    """open() could not subscribe: a ServiceUnavailable, and still the ConnectionError that
+    callers of open() have always caught."""

@@ -38,6 +38,11 @@ Two behaviours differ from SqliteStateStore on purpose, both because many nodes 
 progress is stored in Redis (any node can report it, and it survives a reconnect until its TTL)
 rather than in process memory, and open() does not void the delivery leases of a previous run,
 since those may belong to nodes that are alive.
+
+Every method raises ServiceUnavailable when Redis cannot be used (StorageFull when it is out of
+memory or cannot persist), never a redis-py error: `RedisFailures` below does the mapping for
+this store, RedisJobQueue and RedisEventBus alike. Nothing needs reopening after an outage:
+redis-py reconnects on the next call.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 
 from impasto.protocol.errors import ConflictTaskUUID
 from impasto.state.records import (
@@ -59,6 +65,12 @@ from impasto.state.records import (
     ResultStatus,
     TaskRecord,
     TaskStatus,
+)
+from impasto.state.redis_errors import (
+    RedisFailures,
+    guarded,
+    reconnecting_retry,
+    redis_location,
 )
 
 # Shared by the scripts that queue deliveries. `batch` is the JSON that _deliveries_arg builds:
@@ -350,9 +362,20 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 class RedisStateStore:
     """StateStore on a Redis server, shared by many API nodes and workers (layout above)."""
 
-    def __init__(self, url: str, prefix: str = "impasto", *, progress_ttl_s: int = 3600) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "impasto",
+        *,
+        progress_ttl_s: int = 3600,
+        retry: Retry | None = None,
+        ping_timeout_s: float = 2.0,
+    ) -> None:
         self._url = url
         self._prefix = prefix
+        self._retry = retry if retry is not None else reconnecting_retry()
+        self._ping_timeout_s = ping_timeout_s
+        self._failures = RedisFailures(f"the state store ({redis_location(url)})")
         # Progress is refreshed at every step; the TTL only reclaims what a dead node left.
         self._progress_ttl_s = progress_ttl_s
         self._client: Any = None
@@ -362,9 +385,11 @@ class RedisStateStore:
         self._pending = f"{prefix}:deliveries:pending"
         self._expiry = f"{prefix}:images:expiry"
 
+    @guarded
     async def open(self) -> None:
         """Connect, and fail now rather than at the first request if Redis is unreachable."""
-        client = Redis.from_url(self._url, decode_responses=True)
+        options: dict[str, Any] = {"retry": self._retry}
+        client = Redis.from_url(self._url, decode_responses=True, **options)
         try:
             await client.ping()
         except BaseException:
@@ -390,6 +415,10 @@ class RedisStateStore:
         if self._client is None:
             raise RuntimeError("RedisStateStore used before open()")
         return self._client
+
+    async def ping(self) -> None:
+        """Raise ServiceUnavailable unless Redis answers a PING in time."""
+        await self._failures.ping(self._redis, self._ping_timeout_s)
 
     async def _script(self, name: str, keys: list[str], args: list[str | int]) -> Any:
         redis = self._redis  # raises before open(), like every other method
@@ -421,6 +450,7 @@ class RedisStateStore:
             raise ValueError(f"delivery_id {outcome} already exists")
         return bool(outcome)
 
+    @guarded
     async def create_task(self, task: TaskRecord) -> None:
         """Insert a task; raises ConflictTaskUUID if its UUID is in use (until swept)."""
         created = await self._script(
@@ -440,11 +470,13 @@ class RedisStateStore:
                 parameter="taskUUID",
             )
 
+    @guarded
     async def get_task(self, task_uuid: str) -> TaskRecord | None:
         """The task, or None if unknown or swept."""
         h = await self._redis.hgetall(self._task_key(task_uuid))
         return _task(task_uuid, h) if h else None
 
+    @guarded
     async def finish_task(
         self,
         task_uuid: str,
@@ -473,6 +505,7 @@ class RedisStateStore:
         )
         return self._check_inserted(outcome)
 
+    @guarded
     async def update_task_extra(self, task_uuid: str, extra: dict[str, Any]) -> None:
         """Merge into the task's `extra` (optimistically: re-merge if another node wrote)."""
         key = self._task_key(task_uuid)
@@ -485,6 +518,7 @@ class RedisStateStore:
             if replaced != 0:
                 return
 
+    @guarded
     async def add_result(
         self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
     ) -> bool:
@@ -499,6 +533,7 @@ class RedisStateStore:
         )
         return self._check_inserted(outcome)
 
+    @guarded
     async def results(self, task_uuid: str) -> list[ResultRecord]:
         """All stored results of a task, by index."""
         stored: dict[str, str] = await self._redis.hgetall(self._results_key(task_uuid))
@@ -516,6 +551,7 @@ class RedisStateStore:
             )
         return records
 
+    @guarded
     async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
         """Record progress, refreshing the key's TTL."""
         key = self._progress_key(task_uuid)
@@ -524,11 +560,13 @@ class RedisStateStore:
             pipe.expire(key, self._progress_ttl_s)
             await pipe.execute()
 
+    @guarded
     async def progress(self, task_uuid: str) -> dict[int, int]:
         """Progress per generation index, from whichever node reported it."""
         stored: dict[str, str] = await self._redis.hgetall(self._progress_key(task_uuid))
         return {int(index): int(stored[index]) for index in sorted(stored, key=int)}
 
+    @guarded
     async def unfinished_tasks(self) -> list[TaskRecord]:
         """Tasks still processing, oldest first."""
         uuids: list[str] = await self._redis.zrange(self._processing, 0, -1)
@@ -539,6 +577,7 @@ class RedisStateStore:
         # A task swept between the two reads is simply left out.
         return [_task(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
 
+    @guarded
     async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
         """Every delivery of a task, by created_at then index (None first), like SQLite."""
         ids: list[str] = await self._redis.lrange(self._task_deliveries_key(task_uuid), 0, -1)
@@ -551,6 +590,7 @@ class RedisStateStore:
         records.sort(key=lambda d: (d.created_at, d.index is not None, d.index or 0))
         return records
 
+    @guarded
     async def claim_deliveries(
         self, now: float, limit: int, lease_s: float
     ) -> list[DeliveryRecord]:
@@ -562,6 +602,7 @@ class RedisStateStore:
         )
         return [_delivery(str(i), _pairs(flat)) for i, flat in claimed]
 
+    @guarded
     async def next_delivery_at(self) -> float | None:
         """When the earliest pending delivery is due, or None."""
         first: list[tuple[str, float]] = await self._redis.zrange(
@@ -569,6 +610,7 @@ class RedisStateStore:
         )
         return float(first[0][1]) if first else None
 
+    @guarded
     async def reschedule_delivery(
         self, delivery_id: str, attempts: int, next_attempt_at: float, error: dict[str, Any]
     ) -> None:
@@ -580,6 +622,7 @@ class RedisStateStore:
             [delivery_id, str(attempts), _float(next_attempt_at), json.dumps(error)],
         )
 
+    @guarded
     async def settle_delivery(
         self,
         delivery_id: str,
@@ -603,6 +646,7 @@ class RedisStateStore:
         )
         return self._check_inserted(outcome)
 
+    @guarded
     async def put_image(self, image: ImageRecord) -> None:
         """Record (or replace) an image and its place in the expiry index."""
         key = self._image_key(image.image_uuid)
@@ -613,11 +657,13 @@ class RedisStateStore:
             pipe.zadd(self._expiry, {image.image_uuid: float(image.expires_at)})
             await pipe.execute()
 
+    @guarded
     async def get_image(self, image_uuid: str) -> ImageRecord | None:
         """The image record, or None."""
         h = await self._redis.hgetall(self._image_key(image_uuid))
         return _image(image_uuid, h) if h else None
 
+    @guarded
     async def delete_image(self, image_uuid: str) -> None:
         """Forget an image record and its expiry entry."""
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -625,6 +671,7 @@ class RedisStateStore:
             pipe.zrem(self._expiry, image_uuid)
             await pipe.execute()
 
+    @guarded
     async def expired_images(self, now: float, limit: int) -> list[ImageRecord]:
         """Images whose expiry has passed, soonest first."""
         uuids: list[str] = await self._redis.zrangebyscore(
@@ -636,6 +683,7 @@ class RedisStateStore:
             hashes: list[dict[str, str]] = await pipe.execute()
         return [_image(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
 
+    @guarded
     async def sweep_tasks(self, finished_before: float) -> int:
         """Delete tasks finished before the time, with their results and settled deliveries.
 

@@ -2,11 +2,16 @@
 
 All SQL runs on one dedicated thread, so the event loop never waits on the disk and the
 connection is never shared between threads.
+
+Every call goes through `_run`, where `SqliteFailures` turns SQLite's failures of the file
+itself (locked, cannot be opened, I/O error, damaged) into ServiceUnavailable and a full disk
+into StorageFull; constraint violations and our own mistakes keep their own errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sqlite3
 import time
@@ -15,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from impasto.protocol.errors import ConflictTaskUUID
+from impasto.protocol.errors import ConflictTaskUUID, ServiceUnavailable, StorageFull
+from impasto.state.failures import FailureTranslation
 from impasto.state.records import (
     DeliveryRecord,
     DeliveryStatus,
@@ -153,18 +159,81 @@ def _insert_deliveries(conn: sqlite3.Connection, deliveries: Sequence[DeliveryRe
         )
 
 
+# By primary result code (the low byte of the extended one).
+_UNAVAILABLE = {
+    sqlite3.SQLITE_BUSY: "is locked by another process",
+    sqlite3.SQLITE_LOCKED: "is locked by another process",
+    sqlite3.SQLITE_PROTOCOL: "is locked by another process",
+    sqlite3.SQLITE_CANTOPEN: "cannot be opened",
+    sqlite3.SQLITE_PERM: "cannot be opened",
+    sqlite3.SQLITE_IOERR: "cannot be read or written (I/O error)",
+    sqlite3.SQLITE_READONLY: "is read-only",
+    sqlite3.SQLITE_CORRUPT: "is damaged",
+    sqlite3.SQLITE_NOTADB: "is not a SQLite database",
+    sqlite3.SQLITE_NOMEM: "ran out of memory",
+}
+# For an error without a result code; SQLite's own wording.
+_CODE_OF_TEXT = {
+    "database is locked": sqlite3.SQLITE_BUSY,
+    "unable to open": sqlite3.SQLITE_CANTOPEN,
+    "disk i/o error": sqlite3.SQLITE_IOERR,
+    "database or disk is full": sqlite3.SQLITE_FULL,
+}
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class SqliteFailures(FailureTranslation):
+    """Re-raises failures of the database file as ServiceUnavailable (StorageFull for a full
+    disk) naming the store, e.g. "The state store (SQLite file impasto.sqlite) is locked by
+    another process."; the file's directory stays out of the message."""
+
+    def __init__(self, path: Path) -> None:
+        self.what = f"The state store (SQLite file {path.name})"
+
+    def translate(self, exc: BaseException) -> ServiceUnavailable | None:
+        """The error to raise instead of `exc`, or None to let `exc` through."""
+        if isinstance(exc, OSError):  # creating the data directory
+            if exc.errno in _NO_SPACE:
+                return StorageFull(f"{self.what} has no space left on its disk.")
+            return ServiceUnavailable(f"{self.what} cannot be opened ({exc.strerror}).")
+        # IntegrityError (a taskUUID conflict) and ProgrammingError (a bug) are not outages.
+        if not isinstance(exc, sqlite3.DatabaseError) or isinstance(
+            exc, sqlite3.IntegrityError | sqlite3.ProgrammingError
+        ):
+            return None
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            text = str(exc).lower()
+            code = next((c for t, c in _CODE_OF_TEXT.items() if t in text), None)
+        if code is None:
+            return None
+        code &= 0xFF
+        if code == sqlite3.SQLITE_FULL:
+            return StorageFull(f"{self.what} has no space left (disk full or size limit).")
+        reason = _UNAVAILABLE.get(code)
+        return ServiceUnavailable(f"{self.what} {reason}.") if reason else None
+
+
 class SqliteStateStore:
     """StateStore on a SQLite file (WAL mode; survives a kill -9 of the process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_s: float = 5.0, ping_timeout_s: float | None = None
+    ) -> None:
         self._path = path
+        # How long a statement waits for a lock another process holds before it fails.
+        self._busy_timeout_s = busy_timeout_s
+        # Past the busy timeout, so that a locked file is reported as locked.
+        self._ping_timeout_s = ping_timeout_s or busy_timeout_s + 1.0
+        self._failures = SqliteFailures(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-sqlite")
         self._conn: sqlite3.Connection | None = None
         # Progress is ephemeral and only this process produces it: no need for the disk.
         self._progress: dict[str, dict[int, int]] = {}
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        with self._failures:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
         await self._run(self._connect)
 
     def _connect(self) -> None:
@@ -172,7 +241,7 @@ class SqliteStateStore:
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
         conn.executescript(SCHEMA)
         # One process owns this file: delivery leases taken by a previous run are void.
         conn.execute(
@@ -183,13 +252,29 @@ class SqliteStateStore:
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        with self._failures:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RuntimeError("SqliteStateStore used before open()")
         return self._conn
+
+    async def ping(self) -> None:
+        """Raise ServiceUnavailable unless the file can be locked for writing right now."""
+
+        def lock_and_release() -> None:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
+        try:
+            async with asyncio.timeout(self._ping_timeout_s):
+                await self._run(lock_and_release)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"{self._failures.what} did not answer within {self._ping_timeout_s:g} s."
+            ) from None
 
     async def create_task(self, task: TaskRecord) -> None:
         def insert() -> None:

@@ -6,7 +6,12 @@ from typing import Protocol
 
 
 class ImageStore(Protocol):
-    """Image bytes by key (`<imageUUID>.<ext>`). Expiry is tracked by the StateStore."""
+    """Image bytes by key (`<imageUUID>.<ext>`). Expiry is tracked by the StateStore.
+
+    Every method raises ServiceUnavailable when the storage cannot be used (StorageFull when
+    it has no space left), never the storage library's own errors; a failed `put` leaves
+    nothing behind under the key.
+    """
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Store bytes under a key, replacing any earlier ones."""

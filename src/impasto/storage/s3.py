@@ -13,6 +13,10 @@ Three ways for clients to get the bytes (`url_mode`):
 - `public`: `public_base_url` + the object key, for a bucket (or CDN in front of it) that is
   publicly readable. Expiry is then only as exact as the sweeper's interval and the bucket's
   lifecycle rule: the object stays readable until one of them deletes it.
+
+A failed call raises S3ImageStoreError, a ServiceUnavailable (S3StorageFull, a StorageFull,
+when the server says it is out of space): the client gets a 503 whose message names the bucket
+and what failed, in our words, never the server's raw text nor the endpoint's credentials.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from impasto.protocol.errors import ServiceUnavailable, StorageFull
 
 UrlMode = Literal["proxy", "presigned", "public"]
 URL_MODES: tuple[UrlMode, ...] = ("proxy", "presigned", "public")
@@ -43,6 +55,9 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
 _MISSING_BUCKET = frozenset({"NoSuchBucket"})
 _DENIED = frozenset({"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId"})
+# MinIO says XMinioStorageFull; WebDAV-style servers and gateways answer 507.
+_FULL = frozenset({"XMinioStorageFull", "StorageFull", "InsufficientStorage", "507"})
+_BUSY = frozenset({"SlowDown", "ServiceUnavailable", "503", "RequestTimeout", "InternalError"})
 
 
 def parse_url_mode(value: str) -> UrlMode:
@@ -53,9 +68,13 @@ def parse_url_mode(value: str) -> UrlMode:
     raise ValueError(f"S3 URL mode must be one of {', '.join(URL_MODES)}, not {value!r}")
 
 
-class S3ImageStoreError(RuntimeError):
-    """An S3 call failed (unreachable endpoint, missing bucket, denied access, …); the message
-    names the bucket and what was being done."""
+class S3ImageStoreError(ServiceUnavailable):
+    """An S3 call failed (unreachable endpoint, missing bucket, denied access, …): the image
+    storage cannot be used. The message names the bucket and what was being done."""
+
+
+class S3StorageFull(S3ImageStoreError, StorageFull):
+    """The S3-compatible server has no space left for the object."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,7 @@ class S3ImageStore:
             raise ValueError("give both the S3 access key id and the secret access key, or neither")
         self.url_mode: UrlMode = url_mode
         self._endpoint_url = endpoint_url
+        self._endpoint_shown = _without_userinfo(endpoint_url) if endpoint_url else None
         self._public_base_url = public_base_url.rstrip("/") if public_base_url else None
         if cache_control is None:
             # Public objects may sit in a CDN; otherwise only the client that fetched an image
@@ -169,18 +189,31 @@ class S3ImageStore:
 
     def _where(self) -> str:
         return f"bucket {self.bucket!r}" + (
-            f" at {self._endpoint_url}" if self._endpoint_url else ""
+            f" at {self._endpoint_shown}" if self._endpoint_shown else ""
         )
 
     def _error(self, action: str, exc: Exception) -> S3ImageStoreError:
         code = _error_code(exc)
+        message = f"S3 {action} on {self._where()} failed"
+        if code in _FULL:
+            return S3StorageFull(f"{message}: the storage has no space left")
         if code in _MISSING_BUCKET or (action == "check" and code in _MISSING_KEY):
             reason = "the bucket does not exist"
         elif code in _DENIED:
             reason = "access denied (check the S3 credentials and the bucket policy)"
+        elif isinstance(exc, BotoConnectionError):
+            reason = "could not connect to the endpoint"
+        elif isinstance(exc, HTTPClientError):
+            reason = "the endpoint closed the connection or did not answer in time"
+        elif isinstance(exc, NoCredentialsError):
+            reason = "no S3 credentials were found"
+        elif code in _BUSY:
+            reason = f"the storage is busy or failing ({code})"
+        elif code:
+            reason = f"the storage answered {code}"
         else:
-            reason = str(exc)
-        return S3ImageStoreError(f"S3 {action} on {self._where()} failed: {reason}")
+            reason = type(exc).__name__
+        return S3ImageStoreError(f"{message}: {reason}")
 
     async def check(self) -> None:
         """HEAD the bucket, so that a missing bucket, bad credentials or an unreachable
@@ -262,6 +295,14 @@ class S3ImageStore:
 
     def __repr__(self) -> str:
         return f"S3ImageStore({str(self.location)!r}, url_mode={self.url_mode!r})"
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL without `user:password@`, fit for a message."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def _error_code(exc: Exception) -> str:

@@ -1,0 +1,257 @@
+"""Accepting an imageInference task: everything that can fail for a client's reason fails here,
+before anything is stored. Then the inputs are stored, the task is created, and its
+generations are handed on; from then on the task always ends with results or errors.
+
+Reference images are fetched and decoded once, here, screened (blockContent), and stored as
+input images: the stored request names them by UUID, so a re-run after a restart or a worker
+on another machine reads them from the image store and never fetches a client URL again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from impasto.backends.base import ReferenceImage
+from impasto.backends.registry import ModelRegistry, ResolvedModel
+from impasto.backends.schedulers import known_schedulers, scheduler_problem
+from impasto.delivery.outbound import OutboundFailed, OutboundGuard, OutboundRefused
+from impasto.protocol.errors import (
+    ConflictTaskUUID,
+    ImpastoError,
+    InferenceError,
+    InvalidParameter,
+    QueueFull,
+)
+from impasto.protocol.tasks import ImageInferenceIn, check_against_rules
+from impasto.service.completion import TaskCompletion
+from impasto.service.images import ImageInput, ImageResolver, storable, store_image
+from impasto.service.jobs import LocalRunner, seeds_for
+from impasto.service.safety import ContentSafety
+from impasto.state.base import JobQueue, QueuedJob, StateStore
+from impasto.state.records import TaskRecord
+from impasto.storage.base import ImageStore
+
+log = logging.getLogger("impasto.acceptance")
+
+TASK_TYPE = "imageInference"
+
+
+def owner_of(api_key: str | None) -> str | None:
+    """What a task records of the key that submitted it: a digest, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+class TaskAcceptance:
+    """Validates, stores inputs, creates the task and schedules it."""
+
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        state: StateStore,
+        images: ImageStore,
+        resolver: ImageResolver,
+        safety: ContentSafety,
+        guard: OutboundGuard,
+        completion: TaskCompletion,
+        runner: LocalRunner,
+        scheduler_depth: Any,
+        input_retention_s: int,
+        unavailable: Mapping[str, ImpastoError] | None = None,
+        queue: JobQueue | None = None,
+        max_queued: int | None = None,
+    ) -> None:
+        self._registry = registry
+        self._state = state
+        self._images = images
+        self._resolver = resolver
+        self._safety = safety
+        self._guard = guard
+        self._completion = completion
+        self._runner = runner
+        self._scheduler_depth = scheduler_depth
+        self._input_retention_s = input_retention_s
+        self._unavailable = dict(unavailable or {})
+        # Set on API nodes of a distributed deployment: workers run the jobs.
+        self._queue = queue
+        self._max_queued = max_queued
+        self._schedulers = frozenset(known_schedulers())
+
+    def validate(self, task: ImageInferenceIn) -> ResolvedModel:
+        """Everything that can be checked without I/O; raises an error item."""
+        resolved = self._registry.resolve(task.model)
+        problem = self._unavailable.get(resolved.requested.air)
+        if problem is not None:
+            raise problem
+        check_against_rules(task, resolved.rules)
+        if task.scheduler is not None:
+            if task.scheduler not in self._schedulers:
+                raise InvalidParameter(
+                    f"Unknown scheduler {task.scheduler!r}; "
+                    f"known: {', '.join(sorted(self._schedulers))}.",
+                    code="invalidScheduler",
+                    parameter="scheduler",
+                )
+            mismatch = scheduler_problem(task.scheduler, resolved.target.architecture)
+            if mismatch is not None:
+                raise InvalidParameter(
+                    f"Invalid value for scheduler parameter for model {task.model}: {mismatch}.",
+                    code="invalidScheduler",
+                    parameter="scheduler",
+                )
+        self._safety.validate(task)
+        return resolved
+
+    async def submit(self, task: ImageInferenceIn, owner: str | None = None) -> None:
+        """Validate, store the inputs, persist and schedule; after this the task is accepted."""
+        resolved = self.validate(task)
+        if await self._state.get_task(task.taskUUID) is not None:
+            raise ConflictTaskUUID(
+                f"taskUUID {task.taskUUID} was already used; fetch its results with getResponse "
+                "or send a new taskUUID.",
+                parameter="taskUUID",
+            )
+        await self._check_capacity(resolved, task.numberResults)
+        await self._vet_destinations(task)
+        inputs = await self._fetch_references(task)
+        references = tuple(
+            ReferenceImage(image=i.image, tag=ref.tag, source_url=_https(i.url))
+            for i, ref in zip(inputs, task.reference_images(), strict=True)
+        )
+        await self._safety.screen_input(task, references)
+        stored = await self._store_inputs(task, inputs)
+        seeds = seeds_for(task.seed, task.numberResults)
+        extra: dict[str, Any] = {"seeds": seeds}
+        if owner is not None:
+            extra["owner"] = owner
+        if stored:
+            extra["references"] = [
+                {"imageUUID": image_uuid, "sourceURL": _https(i.url)}
+                for image_uuid, i in zip(stored, inputs, strict=True)
+            ]
+        record = TaskRecord(
+            task_uuid=task.taskUUID,
+            task_type=TASK_TYPE,
+            model=task.model,
+            request=_with_stored_references(task, stored),
+            expected=task.numberResults,
+            created_at=time.time(),
+            extra=extra,
+        )
+        await self._state.create_task(record)
+        try:
+            await self._schedule(task, resolved, references, seeds)
+        except Exception:
+            # Accepted but not handed on (e.g. the queue is unreachable): end the task with an
+            # error rather than leave it processing forever.
+            log.exception("scheduling task %s failed", task.taskUUID)
+            failure = InferenceError("The task was accepted but could not be scheduled.")
+            await self._completion.fail_missing(
+                task.taskUUID,
+                list(range(task.numberResults)),
+                failure.for_task(TASK_TYPE, task.taskUUID),
+            )
+
+    async def _check_capacity(self, resolved: ResolvedModel, images: int) -> None:
+        """Refuse (before accepting anything) when the model's queue is full."""
+        if self._max_queued is None:
+            return
+        air = resolved.target.air
+        waiting = (
+            await self._queue.depth(air) if self._queue is not None else self._scheduler_depth(air)
+        )
+        if waiting + images > self._max_queued:
+            raise QueueFull(
+                f"Model {resolved.requested.air} has {waiting} images waiting, the most this "
+                "server queues; retry later.",
+                parameter="model",
+            )
+
+    async def _vet_destinations(self, task: ImageInferenceIn) -> None:
+        """webhookURL and uploadEndpoint go through the outbound guard at submit time too."""
+        for parameter, url in (
+            ("webhookURL", task.webhookURL),
+            ("uploadEndpoint", task.uploadEndpoint),
+        ):
+            if url is None:
+                continue
+            try:
+                await self._guard.vet(url)
+            except (OutboundRefused, OutboundFailed) as exc:
+                raise InvalidParameter(
+                    f"Invalid value for {parameter} parameter: {exc}.",
+                    code=f"invalid{parameter[0].upper()}{parameter[1:]}",
+                    parameter=parameter,
+                ) from None
+
+    async def _fetch_references(self, task: ImageInferenceIn) -> list[ImageInput]:
+        given = task.reference_images()
+        base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+
+        async def one(i: int) -> ImageInput:
+            return await self._resolver.resolve(
+                given[i].image, parameter=f"{base}[{i}]", code="invalidReferenceImages"
+            )
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(given)))))
+
+    async def _store_inputs(self, task: ImageInferenceIn, inputs: list[ImageInput]) -> list[str]:
+        """Store each reference image (an image UUID of ours is already stored) and return the
+        UUIDs the stored request names them by."""
+        stored: list[str] = []
+        now = time.time()
+        for fetched in inputs:
+            if fetched.stored_uuid is not None:
+                stored.append(fetched.stored_uuid)
+                continue
+            image = await asyncio.to_thread(storable, fetched.image, fetched.data, fetched.format)
+            image_uuid, _ = await store_image(
+                self._images,
+                self._state,
+                image,
+                kind="input",
+                task_uuid=task.taskUUID,
+                now=now,
+                retention_s=self._input_retention_s,
+            )
+            stored.append(image_uuid)
+        return stored
+
+    async def _schedule(
+        self,
+        task: ImageInferenceIn,
+        resolved: ResolvedModel,
+        references: tuple[ReferenceImage, ...],
+        seeds: list[int],
+    ) -> None:
+        """Hand an accepted task's generations to the workers' queue, or run them here."""
+        indices = range(task.numberResults)
+        if self._queue is not None:
+            await self._queue.put(
+                [QueuedJob(resolved.target.air, task.taskUUID, index) for index in indices]
+            )
+            return
+        await self._runner.run(task, resolved, references, seeds, list(indices))
+
+
+def _https(url: str | None) -> str | None:
+    # Providers that fetch images themselves are given the client's own https URL.
+    return url if url and url.startswith("https://") else None
+
+
+def _with_stored_references(task: ImageInferenceIn, stored: list[str]) -> dict[str, Any]:
+    """The request as it is kept: reference images named by their stored UUIDs."""
+    request = task.model_dump(mode="json", exclude_unset=True)
+    if not stored:
+        return request
+    holder = request if task.referenceImages else request.get("inputs", {})
+    holder["referenceImages"] = [
+        {**ref, "image": image_uuid}
+        for ref, image_uuid in zip(holder["referenceImages"], stored, strict=True)
+    ]
+    return request
