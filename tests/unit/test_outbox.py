@@ -16,6 +16,7 @@ import pytest
 
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
 from impasto.delivery.outbox import DELIVERY_HEADER, Outbox, RetryPolicy, new_delivery
+from impasto.protocol.errors import ServiceUnavailable
 from impasto.state.base import StateStore
 from impasto.state.records import DeliveryRecord, DeliveryStatus
 from impasto.storage.base import ImageStore
@@ -46,13 +47,15 @@ class FakeState:
         self.fail: dict[str, int] = {}
         self.calls: list[str] = []
         self.changed = asyncio.Event()
+        # What a failing call raises: a bug-like error, or the stores' ServiceUnavailable.
+        self.raises: type[Exception] = StoreDown
 
     def _called(self, name: str) -> None:
         self.calls.append(name)
         self.changed.set()
         if self.fail.get(name, 0) > 0:
             self.fail[name] -= 1
-            raise StoreDown(f"state store unreachable at redis://:hunter2@10.0.0.5 ({name})")
+            raise self.raises(f"state store unreachable at redis://:hunter2@10.0.0.5 ({name})")
 
     def add(self, delivery: DeliveryRecord) -> DeliveryRecord:
         delivery = dataclasses.replace(
@@ -319,6 +322,21 @@ def test_a_failure_to_reschedule_lets_the_lease_lapse(caplog: pytest.LogCaptureF
 
     run(main)
     assert "hunter2" not in caplog.text
+
+
+def test_a_state_store_briefly_away_is_waited_for_instead_of_sending_again() -> None:
+    async def main() -> None:
+        async with running(answer(204)) as h:
+            h.state.raises = ServiceUnavailable
+            h.state.fail["settle_delivery"] = 2
+            delivery = h.state.add(webhook())
+            h.outbox.wake()
+            await h.until(lambda: h.row(delivery).status == "done")
+            assert h.row(delivery).attempts == 1
+            assert len(h.requests) == 1  # recorded once the store was back: not sent again
+            assert h.sleeps[:2] == [0.5, 1.0]
+
+    run(main)
 
 
 def test_a_failing_settled_callback_is_logged_and_does_not_unsettle_the_delivery(

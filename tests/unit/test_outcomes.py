@@ -240,3 +240,31 @@ def test_image_withheld_by_the_content_checker_becomes_an_error_result(tmp_path:
             assert finished.status == "error"
 
     run(test)
+
+
+def test_health_names_generations_waiting_for_storage_until_they_are_stored(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            seen: list[list[str]] = []
+
+            async def sleep(delay: float) -> None:
+                seen.append(r.recorder.problems())
+
+            r.recorder._sleep = sleep
+            task = await r.accept()
+            r.state.faults.fail("add_result", full, times=4)
+            await r.record(task, generated())
+            assert len(seen) == 3  # the image fails once, then its storageFull error 3 times
+            assert all(
+                p
+                == [
+                    "1 finished generation(s) waiting to be stored: "
+                    "The image storage is full (injected)."
+                ]
+                for p in seen
+            )
+            assert r.recorder.problems() == []
+
+    run(test)

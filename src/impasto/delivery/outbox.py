@@ -34,6 +34,7 @@ import httpx
 
 from impasto.delivery.outbound import OutboundClient, OutboundFailed, OutboundRefused
 from impasto.delivery.redact import describe_error, redact_url, redacted_traceback
+from impasto.protocol.errors import ServiceUnavailable
 from impasto.state.base import StateStore
 from impasto.state.records import DeliveryKind, DeliveryRecord
 from impasto.storage.base import ImageStore
@@ -41,6 +42,8 @@ from impasto.storage.base import ImageStore
 log = logging.getLogger("impasto.outbox")
 
 SIGNATURE_HEADER = "X-Impasto-Signature"
+# Waits between tries to record an attempt's outcome while the state store is unavailable.
+RECORD_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 DELIVERY_HEADER = "X-Impasto-Delivery"
 
 
@@ -252,11 +255,21 @@ class Outbox:
         except Exception as exc:
             attempt = self._unexpected(delivery, exc, "while sending")
         verdict = self._verdict(delivery, attempts, attempt)
-        try:
-            await self._record(delivery, attempts, attempt, verdict)
-            return
-        except Exception as exc:
-            failure = exc
+        failure: Exception | None = None
+        # A state store that is briefly away (a Redis restart) is waited for here: left to the
+        # claim's lease, a delivered webhook would be sent again minutes later.
+        for delay in (*RECORD_RETRY_DELAYS_S, None):
+            try:
+                await self._record(delivery, attempts, attempt, verdict)
+                return
+            except ServiceUnavailable as exc:
+                failure = exc
+            except Exception as exc:
+                failure = exc
+                break
+            if delay is not None:
+                await self._sleep(delay)
+        assert failure is not None
         if verdict is not None:
             # Settling failed: count that as a failed attempt, so it cannot repeat forever.
             attempt = self._unexpected(delivery, failure, "while recording the outcome")

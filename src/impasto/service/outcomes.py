@@ -76,11 +76,28 @@ class OutcomeRecorder:
         self._wake_outbox = wake_outbox
         self._sleep = sleep
         self._retry_max_s = retry_max_s
+        # Generations whose outcome is waiting for storage to come back, with the reason.
+        self._waiting: dict[str, str] = {}
+
+    def problems(self) -> list[str]:
+        """One line while finished generations wait for storage (a full disk, a store away)."""
+        if not self._waiting:
+            return []
+        reason = next(iter(self._waiting.values()))
+        return [f"{len(self._waiting)} finished generation(s) waiting to be stored: {reason}"]
 
     async def record(
         self, task: ImageInferenceIn, resolved: ResolvedModel, job: GenerationJob, outcome: Outcome
     ) -> None:
         """Store `outcome` (or the error it turns into), retrying while storage is down."""
+        try:
+            await self._record(task, resolved, job, outcome)
+        finally:
+            self._waiting.pop(job.job_id, None)
+
+    async def _record(
+        self, task: ImageInferenceIn, resolved: ResolvedModel, job: GenerationJob, outcome: Outcome
+    ) -> None:
         current: Outcome = outcome
         delay = 0.25
         failures = 0
@@ -109,6 +126,7 @@ class OutcomeRecorder:
                     continue
                 reason = "unexpected error"
             failures += 1
+            self._waiting[job.job_id] = reason
             if failures == 1 or failures % 20 == 0:
                 log.warning(
                     "cannot store generation %s (%s); retrying until storage is back",

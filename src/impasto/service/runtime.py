@@ -129,7 +129,7 @@ class Runtime:
 
     async def problems(self) -> list[str]:
         """Why this process cannot do its job right now; empty when healthy."""
-        found = self.supervisor.problems()
+        found = self.supervisor.problems() + self.inference.recorder.problems()
         try:
             await self.state.ping()
         except Exception as exc:
