@@ -44,18 +44,29 @@ def eventually(condition: Callable[[], T | None], timeout: float, what: str) -> 
 
 
 class RestartableRedis:
-    """A redis-server with fsynced append-only persistence in a directory of its own, like a
-    production one: stopping it (SIGTERM) and starting it again on the same port and
-    directory loses nothing that was acknowledged."""
+    """A redis-server in a directory of its own that a test stops (SIGTERM) and starts again
+    on the same port. Persistent (fsynced append-only file), like a production one, it loses
+    nothing that was acknowledged; not persistent, like a cache, it loses everything, the
+    harshest restart for the queue (its consumer groups are gone too)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = True,
+        password: str | None = None,
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.persistent = persistent
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -70,7 +81,12 @@ class RestartableRedis:
                 binary,
                 *("--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--dir", str(self.directory), "--save", ""),
-                *("--appendonly", "yes", "--appendfsync", "always"),
+                *(
+                    ("--appendonly", "yes", "--appendfsync", "always")
+                    if self.persistent
+                    else ("--appendonly", "no")
+                ),
+                *(("--requirepass", self.password) if self.password else ()),
                 *("--protected-mode", "no"),
             ],
             stdout=subprocess.DEVNULL,

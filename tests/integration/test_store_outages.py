@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import shutil
-import socket
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +31,7 @@ from impasto.state.redis_events import RedisEventBus
 from impasto.state.redis_queue import RedisJobQueue
 from impasto.state.redis_store import RedisStateStore
 from impasto.state.sqlite import SqliteStateStore
+from tests.faults import RestartableRedis, free_port
 
 PASSWORD = "s3cret-redis-pass"
 AIR = "impasto:tiny@1"
@@ -47,56 +44,9 @@ POLL_S = 0.02
 QUICK_RETRY = Retry(NoBackoff(), 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class RestartableRedis:
-    """A redis-server without persistence, like a cache that loses everything on restart:
-    the harshest restart for the queue (its consumer groups are gone too)."""
-
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is not installed: run ./scripts/install"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)),
-                *("--save", "", "--appendonly", "no", "--requirepass", PASSWORD),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "redis-server exited during start-up"
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(POLL_S)
-        raise AssertionError(f"redis-server did not listen on {self.port} in {DEADLINE_S} s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=DEADLINE_S)
-            self.process = None
-
-
 @pytest.fixture
 def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
-    server = RestartableRedis(_free_port(), tmp_path)
+    server = RestartableRedis(tmp_path, persistent=False, password=PASSWORD)
     server.start()
     try:
         yield server
@@ -236,7 +186,7 @@ def test_redis_state_store_raises_service_unavailable_while_redis_is_down_then_r
 
 def test_redis_store_open_without_redis_raises_service_unavailable(tmp_path: Path) -> None:
     async def main() -> None:
-        store = RedisStateStore(f"redis://:{PASSWORD}@127.0.0.1:{_free_port()}/0", "x")
+        store = RedisStateStore(f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0", "x")
         with pytest.raises(ServiceUnavailable, match="cannot be reached") as caught:
             await store.open()
         assert PASSWORD not in caught.value.message
@@ -462,7 +412,7 @@ def test_sqlite_store_that_cannot_be_opened_raises_service_unavailable(tmp_path:
 def test_s3_store_raises_service_unavailable_when_its_endpoint_cannot_be_reached() -> None:
     from impasto.storage.s3 import S3ImageStore
 
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     store = S3ImageStore(
         "s3://images/outputs",
         endpoint_url=endpoint.replace("http://", f"http://user:{PASSWORD}@"),
