@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from impasto.protocol.errors import ImpastoError
+from impasto.protocol.fields import MAX_SEED
 from impasto.protocol.rules import RUNWAY_SIZES, ModelRules, SizeRule, check_against_rules
-from impasto.protocol.tasks import MAX_SEED, TASK_MODELS, ImageInferenceIn, TaskIn, parse_task
+from impasto.protocol.tasks import TASK_MODELS, ImageInferenceIn, TaskIn, parse_task
 from impasto.protocol.urls import url_problem
 
 PROPERTY = settings(

@@ -12,10 +12,9 @@ import pytest
 
 from impasto.backends.registry import ModelRegistry
 from impasto.protocol.errors import ImpastoError
+from impasto.protocol.fields import MAX_RANDOM_SEED, MAX_SEED
 from impasto.protocol.rules import RUNWAY_SIZES
 from impasto.protocol.tasks import (
-    MAX_RANDOM_SEED,
-    MAX_SEED,
     ImageInferenceIn,
     TaskIn,
     check_against_rules,

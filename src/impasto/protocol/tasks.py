@@ -9,23 +9,18 @@ accepted task can be stored, logged and computed with; the JSON schema of each t
 from __future__ import annotations
 
 import re
-import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    GetJsonSchemaHandler,
     ValidationError,
     WithJsonSchema,
     field_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, ErrorDetails
+from pydantic_core import ErrorDetails
 
 from impasto.protocol.errors import (
     ImpastoError,
@@ -34,139 +29,31 @@ from impasto.protocol.errors import (
     UnknownParameter,
     UnsupportedParameter,
 )
+from impasto.protocol.fields import (
+    CONTROL,
+    INTEGRAL,
+    MAX_SEARCH_OFFSET,
+    MAX_SEED,
+    MAX_TTL_S,
+    NOT_BLANK_PATTERN,
+    OUTPUT_FORMAT_PATTERN,
+    SURROGATE,
+    UUID4,
+    HttpURL,
+    ImageString,
+    JsonPattern,
+    Name,
+    OutputType,
+    output_format,
+    reference_item,
+    single_output_type,
+)
 from impasto.protocol.rules import KNOWN_UNSUPPORTED_INPUTS, KNOWN_UNSUPPORTED_PARAMETERS, code_name
 
 # Re-exported: callers import these from here, where they lived before the model checks moved.
 from impasto.protocol.rules import RUNWAY_MAX_PROMPT_UNITS as RUNWAY_MAX_PROMPT_UNITS
 from impasto.protocol.rules import RUNWAY_TAG as RUNWAY_TAG
 from impasto.protocol.rules import check_against_rules as check_against_rules
-from impasto.protocol.urls import looks_like_http_url, url_problem
-
-# Runware documents seeds 1 ... 2**63 - 1; impasto also takes 0.
-MAX_SEED = 2**63 - 1
-# compat: @runware/sdk-js reads JSON numbers as doubles and rounds a seed above 2**53 - 1,
-# so a drawn seed it is sent back could not reproduce the image. Seeds we draw stay below this;
-# a client may still send any seed up to MAX_SEED.
-MAX_RANDOM_SEED = 2**53 - 1
-# 30 days: longer than any store keeps an image, and far from overflowing a timestamp.
-MAX_TTL_S = 30 * 24 * 3600
-MAX_SEARCH_OFFSET = 1_000_000
-OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
-OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
-SIZE_PARAMETERS = ("width", "height")
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# The JSON-schema side of the validators below, so that a schema-driven fuzzer's "valid" data
-# is valid here too; each pattern accepts a subset of what the validator takes.
-_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
-_UUID4_PATTERN = (
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$"
-)
-_HTTP_URL_PATTERN = (
-    r"^[hH][tT][tT][pP][sS]?://[A-Za-z][A-Za-z0-9-]{0,62}(\.[A-Za-z][A-Za-z0-9-]{0,62}){0,2}"
-    r"(:[1-9][0-9]{0,3})?(/[!-~]*)?$"
-)
-# One character that is not whitespace to JavaScript's `\s` nor to Python's `str.strip`.
-_NOT_BLANK_PATTERN = r"[^\s\x1c-\x1f\x85]"
-_HTTP_PREFIX_PATTERN = r"^[hH][tT][tT][pP][sS]?://"
-_OUTPUT_FORMAT_PATTERN = r"^([Jj][Pp][Ee]?[Gg]|[Pp][Nn][Gg]|[Ww][Ee][Bb][Pp])$"
-
-
-@dataclass(frozen=True)
-class JsonPattern:
-    """Annotation that adds a `pattern` to a type's JSON schema (the validator does the check)."""
-
-    pattern: str
-
-    def __get_pydantic_json_schema__(
-        self, schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        json_schema = handler(schema)
-        json_schema["pattern"] = self.pattern
-        return json_schema
-
-
-def is_uuid4(value: str) -> bool:
-    try:
-        parsed = uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return False
-    return parsed.version == 4 and str(parsed) == value.lower()
-
-
-def _check_uuid4(value: str) -> str:
-    if not is_uuid4(value):
-        raise ValueError("must be a UUID v4 string such as 'f47ac10b-58cc-4372-a567-0e02b2c3d493'")
-    return value
-
-
-def _check_printable(value: str) -> str:
-    # Names and tags end up in logs and provider requests, where CR/LF would forge lines.
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
-    return value
-
-
-def _check_url(value: str) -> str:
-    problem = url_problem(value)
-    if problem is not None:
-        raise ValueError(problem)
-    return value
-
-
-def _check_image_string(value: str) -> str:
-    return _check_url(value) if looks_like_http_url(value) else value
-
-
-def _reference_item(value: Any) -> Any:
-    # A reference image may be a bare string (UUID, URL, data URI, base64) or {image, tag}.
-    return {"image": value} if isinstance(value, str) else value
-
-
-def _single_output_type(value: Any) -> Any:
-    # compat: runware 0.5.24 types outputType as a list such as ["URL"].
-    if isinstance(value, list) and len(value) == 1:
-        return value[0]
-    return value
-
-
-def _output_format(value: Any) -> Any:
-    if isinstance(value, str):
-        upper = value.upper()
-        return "JPG" if upper == "JPEG" else upper
-    return value
-
-
-def _integral_float(value: Any) -> Any:
-    # compat: JSON has one number type; `512.0` is the integer 512 to a JavaScript server such
-    # as Runware's and to JSON Schema (so schemathesis sends it), though never 512.5 or `true`.
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# Constraints go inside the Annotated, before this, or the JSON schema of an optional field
-# gets pydantic's `ge`/`le` instead of `minimum`/`maximum`.
-INTEGRAL = BeforeValidator(_integral_float)
-UUID4 = Annotated[str, AfterValidator(_check_uuid4), JsonPattern(_UUID4_PATTERN)]
-Name = Annotated[str, AfterValidator(_check_printable), JsonPattern(_NO_CONTROL_PATTERN)]
-HttpURL = Annotated[str, AfterValidator(_check_url), JsonPattern(_HTTP_URL_PATTERN)]
-# Image strings carry no length bound of their own: a data URI may be as long as the body.
-ImageString = Annotated[
-    str,
-    Field(min_length=1),
-    AfterValidator(_check_image_string),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": _HTTP_URL_PATTERN, "maxLength": 2048},
-                {"type": "string", "minLength": 1, "not": {"pattern": _HTTP_PREFIX_PATTERN}},
-            ]
-        }
-    ),
-]
-OutputType = Literal["URL", "base64Data", "dataURI"]
 
 
 class WireModel(BaseModel):
@@ -182,7 +69,7 @@ ReferenceImageList = Annotated[
     list[
         Annotated[
             ReferenceImageIn,
-            BeforeValidator(_reference_item, json_schema_input_type=ImageString | ReferenceImageIn),
+            BeforeValidator(reference_item, json_schema_input_type=ImageString | ReferenceImageIn),
         ]
     ],
     Field(min_length=1, max_length=3),
@@ -220,7 +107,7 @@ class ImageInferenceIn(WireModel):
     taskType: Literal["imageInference"]
     taskUUID: UUID4
     model: Name = Field(min_length=1, max_length=200)
-    positivePrompt: Annotated[str, JsonPattern(_NOT_BLANK_PATTERN)] = Field(
+    positivePrompt: Annotated[str, JsonPattern(NOT_BLANK_PATTERN)] = Field(
         min_length=1, max_length=1000
     )
     negativePrompt: str | None = Field(default=None, max_length=1000)
@@ -230,15 +117,15 @@ class ImageInferenceIn(WireModel):
     outputType: Annotated[
         OutputType,
         BeforeValidator(
-            _single_output_type,
+            single_output_type,
             json_schema_input_type=OutputType
             | Annotated[list[OutputType], Field(min_length=1, max_length=1)],
         ),
     ] = "URL"
     outputFormat: Annotated[
         Literal["JPG", "PNG", "WEBP"],
-        BeforeValidator(_output_format),
-        WithJsonSchema({"type": "string", "pattern": _OUTPUT_FORMAT_PATTERN, "default": "JPG"}),
+        BeforeValidator(output_format),
+        WithJsonSchema({"type": "string", "pattern": OUTPUT_FORMAT_PATTERN, "default": "JPG"}),
     ] = "JPG"
     outputQuality: Annotated[int, Field(ge=20, le=99), INTEGRAL] = 95
     ttl: Annotated[int, Field(ge=60, le=MAX_TTL_S), INTEGRAL] | None = None
@@ -334,7 +221,7 @@ _MAX_ECHOED = 128
 def _echoable(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) > _MAX_ECHOED:
         return None
-    if _CONTROL.search(value) or _SURROGATE.search(value):
+    if CONTROL.search(value) or SURROGATE.search(value):
         return None
     return value
 
@@ -391,7 +278,7 @@ def _lone_surrogate_path(value: Any, path: tuple[int | str, ...]) -> tuple[int |
     """Where a string with a lone surrogate is: JSON lets `\\ud800` through, pydantic refuses it
     in some string fields but not all, and UTF-8 storage, logs and JSON serialisers choke."""
     if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
+        return path if SURROGATE.search(value) else None
     if isinstance(value, BaseModel):
         items: Any = ((name, getattr(value, name)) for name in type(value).model_fields)
     elif isinstance(value, list | tuple):

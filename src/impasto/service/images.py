@@ -23,7 +23,7 @@ from impasto.delivery.codecs import (
 )
 from impasto.delivery.outbound import OutboundClient, OutboundFailed, OutboundRefused
 from impasto.protocol.errors import InvalidParameter
-from impasto.protocol.tasks import is_uuid4
+from impasto.protocol.fields import is_uuid4
 from impasto.state.base import StateStore
 from impasto.state.records import ImageKind, ImageRecord
 from impasto.storage.base import ImageStore

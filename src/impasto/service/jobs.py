@@ -10,7 +10,8 @@ from typing import Any
 from impasto.backends.base import GenerationJob, ReferenceImage
 from impasto.backends.registry import ResolvedModel
 from impasto.engine.scheduler import Scheduler
-from impasto.protocol.tasks import MAX_RANDOM_SEED, MAX_SEED, ImageInferenceIn
+from impasto.protocol.fields import MAX_RANDOM_SEED, MAX_SEED
+from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.outcomes import OutcomeRecorder, StoredCallback, TaskSink
 from impasto.state.base import StateStore
 
