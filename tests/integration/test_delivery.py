@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from impasto.delivery.outbox import SIGNATURE_HEADER, verify_signature
+from impasto.delivery.signing import SIGNATURE_HEADER, verify_signature
 from tests.conftest import LoopbackHTTP, Recorded, RunningServer
 from tests.failing_backend import failing_models_file
 

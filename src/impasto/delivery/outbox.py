@@ -8,10 +8,7 @@ but before it is recorded sends that delivery again after the restart, with the 
 `X-Impasto-Delivery` id so receivers can drop the duplicate. An error of our own during an
 attempt (image store, state store, a bug) counts as a failed, retryable attempt; when even that
 cannot be recorded, the claim's lease lapses and the delivery is taken again later.
-
-Signing (when a secret is configured): `X-Impasto-Signature: t=<unix seconds>,v1=<hex>` where
-`<hex>` is HMAC-SHA256(secret, f"{t}.{raw body}"). Receivers recompute it over the raw body,
-compare in constant time, and reject timestamps older than a few minutes.
+Webhooks are signed when a secret is configured (delivery/signing.py).
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import random
 import time
@@ -34,6 +29,7 @@ import httpx
 
 from impasto.delivery.outbound import OutboundClient, OutboundFailed, OutboundRefused
 from impasto.delivery.redact import describe_error, redact_url, redacted_traceback
+from impasto.delivery.signing import SIGNATURE_HEADER, sign
 from impasto.protocol.errors import ServiceUnavailable
 from impasto.state.base import StateStore
 from impasto.state.records import DeliveryKind, DeliveryRecord
@@ -41,7 +37,6 @@ from impasto.storage.base import ImageStore
 
 log = logging.getLogger("impasto.outbox")
 
-SIGNATURE_HEADER = "X-Impasto-Signature"
 # Waits between tries to record an attempt's outcome while the state store is unavailable.
 RECORD_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 DELIVERY_HEADER = "X-Impasto-Delivery"
@@ -68,24 +63,6 @@ class RetryPolicy:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_delay_s))
         return delay
-
-
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={digest.hexdigest()}"
-
-
-def verify_signature(secret: str, header: str, body: bytes, tolerance_s: float = 300.0) -> bool:
-    """What a receiver does: recompute and compare in constant time, within a time window."""
-    parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    try:
-        timestamp = int(parts["t"])
-    except (KeyError, ValueError):
-        return False
-    if abs(time.time() - timestamp) > tolerance_s:
-        return False
-    expected = sign(secret, timestamp, body)
-    return hmac.compare_digest(expected, header)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
