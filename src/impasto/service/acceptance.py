@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from impasto.backends.base import ReferenceImage
@@ -60,7 +60,7 @@ class TaskAcceptance:
         guard: OutboundGuard,
         completion: TaskCompletion,
         runner: LocalRunner,
-        scheduler_depth: Any,
+        scheduler_depth: Callable[[str], int],
         input_retention_s: int,
         unavailable: Mapping[str, ImpastoError] | None = None,
         queue: JobQueue | None = None,
