@@ -423,6 +423,21 @@ def test_healthz_fails_while_a_supervised_loop_is_down_and_recovers(
     assert runtime.supervisor.states()["flaky"].restarts >= 1
 
 
+def test_healthz_fails_while_the_outbox_loop_is_stuck(server_factory: ServerFactory) -> None:
+    server = server_factory(safety_checker="none")
+    outbox = server.runtime().outbox
+    wait_until(lambda: outbox.last_pass_at is not None, what="the outbox's first pass")
+    assert healthz(server).status_code == 200
+    passed = outbox.last_pass_at
+    # As a pass that never returned would leave it: no pass for longer than three idle polls.
+    outbox.last_pass_at = passed - 1000.0
+    response = healthz(server)
+    assert response.status_code == 503
+    assert any("outbox" in p for p in response.json()["problems"])
+    outbox.last_pass_at = passed
+    assert healthz(server).status_code == 200
+
+
 def test_healthz_fails_while_the_state_store_is_unreachable(
     server_factory: ServerFactory,
 ) -> None:

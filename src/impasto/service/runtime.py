@@ -123,6 +123,7 @@ class Runtime:
     sessions: SessionRegistry
     metrics: Metrics
     supervisor: Supervisor
+    outbox: Outbox
     started_at: float
     role: Role = "single"
     worker: Worker | None = None
@@ -134,6 +135,10 @@ class Runtime:
             await self.state.ping()
         except Exception as exc:
             found.append(f"state store unavailable: {getattr(exc, 'message', type(exc).__name__)}")
+        # Running but stuck (a pass that never returns) is down too; before its first pass
+        # the loop is starting, not stuck.
+        if self.outbox.last_pass_at is not None and not self.outbox.alive():
+            found.append("the outbox loop has stopped making progress")
         if not self.bus.healthy:
             found.append("event bus is not connected")
         if self.worker is not None:
@@ -294,6 +299,7 @@ class Runtime:
             ),
             metrics=metrics,
             supervisor=Supervisor(),
+            outbox=outbox,
             started_at=time.time(),
             role=role,
         )
