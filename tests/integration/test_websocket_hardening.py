@@ -25,6 +25,7 @@ from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as sync_connect
 
 from tests.conftest import RunningServer, tiny_task
+from tests.integration.test_websocket import authenticate, recv, send
 from tests.live import session_attached, task_status, wait_detached, wait_finished, wait_until
 
 RECV_TIMEOUT_S = 60.0
@@ -34,26 +35,6 @@ PONG = {"data": [{"taskType": "ping", "pong": True}]}
 
 def ws_url(server: RunningServer) -> str:
     return f"ws://127.0.0.1:{server.settings.port}/v1"
-
-
-async def send(ws: ClientConnection, *tasks: Any) -> None:
-    await ws.send(json.dumps(list(tasks)))
-
-
-async def recv(ws: ClientConnection, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
-    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
-    return frame
-
-
-async def authenticate(ws: ClientConnection, key: str = "k", resume: str | None = None) -> str:
-    task: dict[str, Any] = {"taskType": "authentication", "apiKey": key}
-    if resume is not None:
-        task["connectionSessionUUID"] = resume
-    await send(ws, task)
-    frame = await recv(ws)
-    assert list(frame) == ["data"], frame
-    session: str = frame["data"][0]["connectionSessionUUID"]
-    return session
 
 
 async def assert_pong(ws: ClientConnection) -> None:
