@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
+import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,6 +25,7 @@ from typing import Any, cast
 
 from impasto.state.base import QueuedJob, StateStore, Subscription
 from impasto.state.events import LocalEventBus
+from impasto.state.records import TaskRecord
 from impasto.state.sqlite import SqliteStateStore
 
 ErrorFactory = Callable[[], BaseException]
@@ -114,6 +117,22 @@ async def sqlite_state(path: Path) -> AsyncIterator[FlakyStateStore]:
         yield FlakyStateStore(inner)
     finally:
         await inner.close()
+
+
+async def new_task(state: FlakyStateStore, expected: int = 1, model: str | None = None) -> str:
+    """An accepted imageInference task of `expected` images, stored past the faults."""
+    task_uuid = str(uuid.uuid4())
+    await state.inner.create_task(
+        TaskRecord(
+            task_uuid=task_uuid,
+            task_type="imageInference",
+            request={"taskType": "imageInference", "taskUUID": task_uuid},
+            expected=expected,
+            created_at=time.time(),
+            model=model,
+        )
+    )
+    return task_uuid
 
 
 class FakeImageStore:

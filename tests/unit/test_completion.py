@@ -18,8 +18,15 @@ import pytest
 from impasto.delivery.outbox import new_delivery
 from impasto.protocol.errors import InferenceError, ServiceUnavailable, SyncTimeout
 from impasto.service.completion import TaskCompletion, status_items
-from impasto.state.records import DeliveryRecord, ResultRecord, TaskRecord
-from tests.fakes import FakeClock, FakeEventBus, FlakyStateStore, SilentSubscription, sqlite_state
+from impasto.state.records import DeliveryRecord, ResultRecord
+from tests.fakes import (
+    FakeClock,
+    FakeEventBus,
+    FlakyStateStore,
+    SilentSubscription,
+    new_task,
+    sqlite_state,
+)
 
 UPLOAD_URL = "http://127.0.0.1:9/bucket/a.png"
 
@@ -32,17 +39,7 @@ class Rig:
     completion: TaskCompletion
 
     async def task(self, expected: int = 1) -> str:
-        task_uuid = str(uuid.uuid4())
-        await self.state.inner.create_task(
-            TaskRecord(
-                task_uuid=task_uuid,
-                task_type="imageInference",
-                request={"taskType": "imageInference", "taskUUID": task_uuid},
-                expected=expected,
-                created_at=time.time(),
-            )
-        )
-        return task_uuid
+        return await new_task(self.state, expected)
 
     async def image(self, task_uuid: str, index: int = 0, upload: bool = False) -> DeliveryRecord:
         item = {

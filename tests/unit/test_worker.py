@@ -5,8 +5,6 @@ and the clock are injected: lease rounds run back to back, no wall-clock windows
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +17,6 @@ from impasto.service.inference import InferenceService
 from impasto.service.recovery import JobDone
 from impasto.service.worker import Worker
 from impasto.state.base import JobQueue, QueuedJob
-from impasto.state.records import TaskRecord
 from tests.fakes import (
     FakeClock,
     FakeEventBus,
@@ -27,6 +24,7 @@ from tests.fakes import (
     FlakyStateStore,
     RecordingSleep,
     eventually,
+    new_task,
     sqlite_state,
 )
 
@@ -75,17 +73,7 @@ class Rig:
 
     async def job(self, deliveries: int = 1) -> QueuedJob:
         """A job of a new one-image task that exists in the state store."""
-        task_uuid = str(uuid.uuid4())
-        await self.state.inner.create_task(
-            TaskRecord(
-                task_uuid=task_uuid,
-                task_type="imageInference",
-                request={"taskType": "imageInference", "taskUUID": task_uuid},
-                expected=1,
-                created_at=time.time(),
-                model=AIR,
-            )
-        )
+        task_uuid = await new_task(self.state, model=AIR)
         return QueuedJob(AIR, task_uuid, 0, entry_id=f"entry-{task_uuid}", deliveries=deliveries)
 
     def held(self) -> int:
