@@ -7,14 +7,19 @@ It runs as `node tests/sdk/js/client.mjs`, installed by ./scripts/install (npm c
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import RunningServer
 from tests.gated_backend import Gate, gated_server
+from tests.integration.test_media_storage import assert_square_outline, data_uri, square_png
 from tests.live import recorded_errors, task_status, wait_finished
 from tests.sdk.clients import ClientProcess, assert_images, js_sdk_command, png_data_uri, run_client
 from tests.sdk.tcp_proxy import TcpProxy
@@ -67,6 +72,31 @@ def test_an_uploaded_image_is_a_reference_image_both_ways(
     assert upload["imageURL"].startswith("http://")
     assert_images(result["topLevel"], 1, "URL", (64, 64))
     assert_images(result["nested"], 1, "URL", (64, 64))
+
+
+def test_media_storage_and_controlnet_preprocess_work_through_the_sdk(
+    server: RunningServer, sdk: list[str]
+) -> None:
+    """mediaStorage() upload, controlNetPreProcess() of the mediaUUID (sent as the legacy
+    imageControlNetPreProcess with deliveryMethod "async", then polled with getResponse every
+    2 s), and mediaStorage() delete."""
+    result = run_client(sdk, ws_url(server), "utilities", {"media": data_uri(square_png())})
+    media = result["media"]
+    assert (media["taskType"], media["operation"]) == ("mediaStorage", "upload")
+    assert media["mediaURL"].startswith("http://")
+    guide = result["guide"]
+    assert (guide["taskType"], guide["status"], guide["cost"]) == (
+        "imageControlNetPreProcess",
+        "success",
+        0,
+    )
+    assert guide["inputImageUUID"] == media["mediaUUID"]
+    edges = Image.open(io.BytesIO(base64.b64decode(guide["guideImageBase64Data"])))
+    assert (edges.format, edges.size) == ("PNG", (128, 96))
+    assert_square_outline(edges)
+    deleted = result["deleted"]
+    assert (deleted["operation"], deleted["mediaUUID"]) == ("delete", media["mediaUUID"])
+    assert httpx.get(media["mediaURL"], timeout=30).status_code == 404
 
 
 def test_an_async_task_is_acknowledged_and_polled_with_get_response(

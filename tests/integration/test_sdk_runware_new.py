@@ -8,14 +8,19 @@ tests/sdk/python_new_client.py, which prints what the SDK returned; the test che
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import RunningServer
 from tests.gated_backend import Gate, gated_server
+from tests.integration.test_media_storage import assert_square_outline, data_uri, square_png
 from tests.live import session_buffered, wait_detached, wait_finished, wait_until
 from tests.sdk.clients import (
     ClientProcess,
@@ -82,6 +87,39 @@ def test_an_uploaded_image_is_a_reference_image(
     assert upload["imageUUID"]
     assert upload["imageURL"].startswith("http://")
     assert_images(result["items"], 1, "base64Data", (64, 64))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_stored_media_is_a_reference_image_and_a_preprocess_input_then_deleted(
+    server: RunningServer, sdk: list[str], transport: str
+) -> None:
+    """media_storage (the SDK's replacement for image_upload) upload, then the mediaUUID as a
+    reference image and as the input of a controlNetPreprocess run() (async: ACK, then
+    getResponse polls), then media_storage delete."""
+    args = {
+        "media": data_uri(square_png()),
+        "task": {"deliveryMethod": "sync", "outputType": "base64Data", "width": 64, "height": 64},
+    }
+    result = run_client(sdk, url_for(server, transport), "media_storage", args)
+    [upload] = result["upload"]
+    assert (upload["taskType"], upload["operation"]) == ("mediaStorage", "upload")
+    assert upload["mediaURL"].startswith("http://")
+    assert_images(result["items"], 1, "base64Data", (64, 64))
+    [guide] = result["guide"]
+    assert guide["taskType"] == "controlNetPreprocess"
+    assert guide["inputImageUUID"] == upload["mediaUUID"]
+    edges = Image.open(io.BytesIO(base64.b64decode(guide["guideImageBase64Data"])))
+    assert (edges.format, edges.size) == ("PNG", (128, 96))
+    assert_square_outline(edges)
+    assert result["deleted"] == [
+        {
+            "taskType": "mediaStorage",
+            "taskUUID": result["deleted"][0]["taskUUID"],
+            "operation": "delete",
+            "mediaUUID": upload["mediaUUID"],
+        }
+    ]
+    assert httpx.get(upload["mediaURL"], timeout=30).status_code == 404
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -12,6 +12,9 @@ Scenarios:
   generate         run() each task of ARGS["tasks"] in turn; result: the item lists
   upload_reference image_upload(ARGS["image"]), then run() ARGS["task"] with the uploaded
                    imageUUID as inputs.referenceImages; result: upload reply and items
+  media_storage    media_storage() upload of ARGS["media"], run() ARGS["task"] with the
+                   mediaUUID as inputs.referenceImages, run() a controlNetPreprocess (canny)
+                   of it, then media_storage() delete of it; result: every reply
   get_response     run() ARGS["task"], then get_response() for its taskUUID
   expect_error     run() ARGS["task"], expecting a RunwareError; result: what the error carries
   drop             run() ARGS["task"] while the test cuts the connection; on a RunwareError the
@@ -131,6 +134,23 @@ async def scenario(url: str, name: str, args: dict[str, Any]) -> Any:
             upload = await client.image_upload({"image": args["image"]})
             fields = {**args["task"], "inputs": {"referenceImages": [upload[0]["imageUUID"]]}}
             return {"upload": upload, "items": await client.run(task(fields), options())}
+        if name == "media_storage":
+            upload = await client.media_storage({"operation": "upload", "media": args["media"]})
+            media_uuid = upload[0]["mediaUUID"]
+            fields = {**args["task"], "inputs": {"referenceImages": [media_uuid]}}
+            items = await client.run(task(fields), options())
+            guide = await client.run(
+                {
+                    "taskType": "controlNetPreprocess",
+                    "model": "runware:controlnet-preprocess@canny",
+                    "inputs": {"image": media_uuid},
+                    "outputType": "base64Data",
+                    "outputFormat": "PNG",
+                }
+            )
+            # The SDK types the request as {operation, media}: the UUID goes in `media`.
+            deleted = await client.media_storage({"operation": "delete", "media": media_uuid})
+            return {"upload": upload, "items": items, "guide": guide, "deleted": deleted}
         if name == "get_response":
             request = task(args["task"])
             items = await client.run(request, options())

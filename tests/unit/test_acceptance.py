@@ -21,7 +21,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from impasto.backends.base import ReferenceImage
 from impasto.backends.registry import ModelRegistry, ResolvedModel
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
 from impasto.protocol.errors import (
@@ -42,6 +41,7 @@ from impasto.service.jobs import LocalRunner
 from impasto.service.models import ModelSearchService
 from impasto.service.responses import ResponseService
 from impasto.service.safety import UnavailableSafety
+from impasto.service.task_images import TaskImages
 from impasto.service.uploads import UploadService
 from impasto.state.records import ImageRecord, ResultRecord, ResultStatus
 from tests.fakes import FakeEventBus, FakeImageStore, FlakyStateStore, sqlite_state
@@ -67,14 +67,14 @@ class FakeRunner:
         self,
         task: ImageInferenceIn,
         resolved: ResolvedModel,
-        references: tuple[ReferenceImage, ...],
+        images: TaskImages,
         seeds: Sequence[int],
         indices: Sequence[int],
         **_: Any,
     ) -> None:
         if self.raises is not None:
             raise self.raises
-        self.runs.append((task.taskUUID, len(references), list(indices)))
+        self.runs.append((task.taskUUID, len(images.references), list(indices)))
 
 
 @dataclass

@@ -45,7 +45,8 @@ def test_builtin_entry_resolves_to_itself_with_its_backend(
 def test_tiny_builtin_is_the_tiny_impasto_model_that_takes_generation_parameters() -> None:
     entry = ModelRegistry.load(None).resolve(TINY_AIR).target
     assert entry.air == "impasto:tiny@1"
-    assert entry.rules.parameters == GENERATION_PARAMETERS
+    # An SD 1.x model takes every generation parameter but the SDXL refiner.
+    assert entry.rules.parameters == GENERATION_PARAMETERS - {"refiner"}
     assert entry.rules.provider is None
     assert (entry.rules.sizes.min_side, entry.rules.sizes.max_side) == (64, 2048)
     assert entry.rules.sizes.allowed is None
@@ -331,8 +332,8 @@ def test_missing_models_file_is_a_models_file_error(tmp_path: Path) -> None:
         ('[models."impasto:tiny@1"]\nprice_usd = "free"\n', r"models\.'impasto:tiny@1'"),
         ('[models."impasto:tiny@1"]\nsettings = 5\n', r"models\.'impasto:tiny@1'"),
         (
-            '[models."impasto:tiny@1"]\nparameters = ["seed", "lora"]\n',
-            r"models\.'impasto:tiny@1': parameters \['lora'\] are not generation parameters",
+            '[models."impasto:tiny@1"]\nparameters = ["seed", "hiresFix"]\n',
+            r"models\.'impasto:tiny@1': parameters \['hiresFix'\] are not generation parameters",
         ),
         ("models = 5\n", r"models must be a table"),
         ('models = ["my:m@1"]\n', r"models must be a table"),

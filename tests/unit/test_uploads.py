@@ -1,12 +1,14 @@
-"""imageUpload over a real SQLite state store and an in-memory image store behind failure
-switches: a failed store ends the task with its error (never `processing`), the error reaches
-the client, and a taskUUID is used once."""
+"""imageUpload and mediaStorage over a real SQLite state store and an in-memory image store
+behind failure switches: a failed store ends the task with its error (never `processing`), the
+error reaches the client, and a taskUUID is used once; mediaStorage delete removes only uploads,
+and only for the key that made them."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +21,18 @@ import pytest
 from PIL import Image
 
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
-from impasto.protocol.errors import ConflictTaskUUID, ServiceUnavailable, StorageFull
+from impasto.protocol.errors import (
+    ConflictTaskUUID,
+    InvalidParameter,
+    ServiceUnavailable,
+    StorageFull,
+)
 from impasto.protocol.tasks import ImageUploadIn, parse_task
+from impasto.protocol.utility import MediaStorageIn
 from impasto.service.images import ImageResolver
 from impasto.service.uploads import UploadService
-from tests.fakes import FakeImageStore, FlakyStateStore, sqlite_state
+from impasto.state.records import ImageRecord
+from tests.fakes import FakeImageStore, FlakyStateStore, new_task, sqlite_state
 
 
 def data_uri(color: str = "red") -> str:
@@ -150,6 +159,206 @@ def test_failed_image_record_leaves_no_image_bytes_behind(tmp_path: Path) -> Non
             with pytest.raises(ServiceUnavailable):
                 await r.uploads.upload(task)
             assert await r.task_status(task.taskUUID) == "error"
+            assert r.images.blobs == {}
+
+    run(test)
+
+
+# -- mediaStorage ------------------------------------------------------------------------------
+
+
+def media_task(operation: str = "upload", **fields: Any) -> MediaStorageIn:
+    raw: dict[str, Any] = {
+        "taskType": "mediaStorage",
+        "taskUUID": str(uuid.uuid4()),
+        "operation": operation,
+    }
+    if operation == "upload" and "media" not in fields:
+        raw["media"] = data_uri("blue")
+    return cast(MediaStorageIn, parse_task({**raw, **fields}))
+
+
+async def uploaded(r: Rig, owner: str | None = None) -> str:
+    item = await r.uploads.media_storage(media_task(), owner=owner)
+    return str(item["mediaUUID"])
+
+
+def test_media_upload_is_stored_as_an_upload_and_answers_with_media_fields(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            task = media_task()
+            item = await r.uploads.media_storage(task, owner="a" * 64)
+            assert set(item) == {"taskType", "taskUUID", "operation", "mediaUUID", "mediaURL"}
+            assert (item["taskType"], item["operation"]) == ("mediaStorage", "upload")
+            assert item["taskUUID"] == task.taskUUID
+            record = await r.state.inner.get_image(item["mediaUUID"])
+            assert record is not None
+            assert (record.kind, record.width, record.height) == ("upload", 40, 30)
+            assert 3590 < record.expires_at - record.created_at <= 3600
+            assert item["mediaURL"] == f"http://127.0.0.1:1/image/{record.key}"
+            assert record.key in r.images.blobs
+            assert await r.task_status(task.taskUUID) == "success"
+            (result,) = await r.state.inner.results(task.taskUUID)
+            assert result.item == item
+
+    run(test)
+
+
+def test_media_delete_removes_the_bytes_and_the_record(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            media_uuid = await uploaded(r)
+            record = await r.state.inner.get_image(media_uuid)
+            assert record is not None
+            task = media_task("delete", mediaUUID=media_uuid)
+
+            item = await r.uploads.media_storage(task)
+
+            assert item == {
+                "taskType": "mediaStorage",
+                "taskUUID": task.taskUUID,
+                "operation": "delete",
+                "mediaUUID": media_uuid,
+            }
+            assert record.key not in r.images.blobs
+            assert await r.state.inner.get_image(media_uuid) is None
+            assert await r.task_status(task.taskUUID) == "success"
+            with pytest.raises(InvalidParameter) as raised:
+                await r.uploads.media_storage(media_task("delete", mediaUUID=media_uuid))
+            assert (raised.value.code, raised.value.parameter) == ("invalidMediaUUID", "mediaUUID")
+            assert "already deleted" in raised.value.message
+
+    run(test)
+
+
+def test_media_delete_takes_the_uuid_in_media_as_runware_sdk_types_it(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            media_uuid = await uploaded(r)
+            item = await r.uploads.media_storage(media_task("delete", media=media_uuid))
+            assert item["mediaUUID"] == media_uuid
+            assert await r.state.inner.get_image(media_uuid) is None
+
+    run(test)
+
+
+def test_media_delete_by_another_api_key_is_as_if_the_media_did_not_exist(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            media_uuid = await uploaded(r, owner="a" * 64)
+            for other in ("b" * 64, None):
+                with pytest.raises(InvalidParameter) as raised:
+                    await r.uploads.media_storage(
+                        media_task("delete", mediaUUID=media_uuid), owner=other or "c" * 64
+                    )
+                assert raised.value.code == "invalidMediaUUID"
+                assert "no uploaded media" in raised.value.message
+            assert await r.state.inner.get_image(media_uuid) is not None
+            await r.uploads.media_storage(
+                media_task("delete", mediaUUID=media_uuid), owner="a" * 64
+            )
+            assert await r.state.inner.get_image(media_uuid) is None
+
+    run(test)
+
+
+def test_media_delete_refuses_an_image_whose_owner_can_no_longer_be_checked(
+    tmp_path: Path,
+) -> None:
+    """With API keys, the upload's task record says whose it is; once the task sweep took it,
+    nobody can show the image is theirs and it stays until it expires."""
+
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            media_uuid = await uploaded(r, owner="a" * 64)
+            assert await r.state.inner.sweep_tasks(time.time() + 1) == 1
+            with pytest.raises(InvalidParameter):
+                await r.uploads.media_storage(
+                    media_task("delete", mediaUUID=media_uuid), owner="a" * 64
+                )
+            assert await r.state.inner.get_image(media_uuid) is not None
+
+    run(test)
+
+
+def test_media_delete_refuses_a_generated_image(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            task_uuid = await new_task(r.state)
+            output_uuid = str(uuid.uuid4())
+            now = time.time()
+            await r.state.inner.put_image(
+                ImageRecord(
+                    output_uuid, "out.png", "image/png", "output", 8, 8, now, now + 60, task_uuid
+                )
+            )
+            with pytest.raises(InvalidParameter) as raised:
+                await r.uploads.media_storage(media_task("delete", mediaUUID=output_uuid))
+            assert raised.value.code == "invalidMediaUUID"
+            assert "not uploaded media" in raised.value.message
+            assert await r.state.inner.get_image(output_uuid) is not None
+
+    run(test)
+
+
+def test_a_failed_media_delete_ends_its_task_with_the_error_and_keeps_the_record(
+    tmp_path: Path,
+) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            media_uuid = await uploaded(r)
+            task = media_task("delete", mediaUUID=media_uuid)
+            r.images.faults.fail("delete", lambda: ServiceUnavailable("storage away"))
+            with pytest.raises(ServiceUnavailable) as raised:
+                await r.uploads.media_storage(task)
+            assert raised.value.task_uuid == task.taskUUID
+            assert await r.task_status(task.taskUUID) == "error"
+            assert await r.state.inner.get_image(media_uuid) is not None
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("operation", "fields", "code", "parameter"),
+    [
+        ("upload", {"media": None}, "missingMedia", "media"),
+        ("upload", {"mediaUUID": str(uuid.uuid4())}, "invalidMediaUUID", "mediaUUID"),
+        ("upload", {"media": "not base64 at all!"}, "invalidMedia", "media"),
+        ("delete", {}, "missingMediaUUID", "mediaUUID"),
+        ("delete", {"media": "iVBORw0KGgo="}, "invalidMedia", "media"),
+        (
+            "delete",
+            {"media": str(uuid.uuid4()), "mediaUUID": str(uuid.uuid4())},
+            "invalidMedia",
+            "media",
+        ),
+        ("delete", {"mediaUUID": str(uuid.uuid4())}, "invalidMediaUUID", "mediaUUID"),
+    ],
+    ids=[
+        "upload-without-media",
+        "upload-with-uuid",
+        "upload-of-garbage",
+        "delete-without-uuid",
+        "delete-of-an-image",
+        "delete-with-both",
+        "delete-of-unknown",
+    ],
+)
+def test_a_bad_media_storage_task_is_refused_before_its_task_exists(
+    tmp_path: Path, operation: str, fields: dict[str, Any], code: str, parameter: str
+) -> None:
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            task = media_task(operation, **fields)
+            with pytest.raises(InvalidParameter) as raised:
+                await r.uploads.media_storage(task)
+            assert (raised.value.code, raised.value.parameter) == (code, parameter)
+            # Nothing happened: the client may send the task again, fixed, with its taskUUID.
+            assert await r.state.inner.get_task(task.taskUUID) is None
             assert r.images.blobs == {}
 
     run(test)

@@ -21,6 +21,7 @@ from impasto.protocol.tasks import (
     parse_task,
     task_context,
 )
+from impasto.service.assets import check_assets, check_model_kind
 
 REGISTRY = ModelRegistry.load(None)
 SEED_TASKS = json.loads((Path(__file__).parents[1] / "data" / "seed-tasks.json").read_text())
@@ -74,7 +75,10 @@ def validate(raw: Any) -> TaskIn:
     task = parse_task(raw)
     if isinstance(task, ImageInferenceIn):
         try:
-            check_against_rules(task, REGISTRY.resolve(task.model).rules)
+            resolved = REGISTRY.resolve(task.model)
+            check_model_kind(resolved)
+            check_against_rules(task, resolved.rules)
+            check_assets(task, REGISTRY, resolved)
         except ImpastoError as exc:
             raise exc.for_task(task.taskType, task.taskUUID) from None
     return task
@@ -92,6 +96,275 @@ class Rejected(NamedTuple):
     code: str
     parameter: str | None
 
+
+FLUX: dict[str, Any] = {**TINY, "model": "runware:100@1", "width": 1024, "height": 1024}
+XL: dict[str, Any] = {**TINY, "model": "impasto:tiny-xl@1"}
+LORA = "impasto:tiny-lora@1"
+CONTROLNET = "impasto:tiny-controlnet@1"
+
+
+def control(**changes: Any) -> list[dict[str, Any]]:
+    return [mutated({"model": CONTROLNET, "guideImage": IMAGE_UUID}, **changes)]
+
+
+def seeded(**changes: Any) -> dict[str, Any]:
+    return mutated(TINY, seedImage=IMAGE_UUID, **changes)
+
+
+MODE_ROWS: list[Rejected] = [
+    # -- lora --
+    Rejected(
+        "lora-weight-5",
+        mutated(TINY, lora=[{"model": LORA, "weight": 5}]),
+        "invalidLora",
+        "lora[0].weight",
+    ),
+    Rejected(
+        "lora-weight-a-string",
+        mutated(TINY, lora=[{"model": LORA, "weight": "1"}]),
+        "invalidLora",
+        "lora[0].weight",
+    ),
+    Rejected(
+        "lora-model-missing", mutated(TINY, lora=[{"weight": 1}]), "invalidLora", "lora[0].model"
+    ),
+    Rejected(
+        "lora-unknown-air",
+        mutated(TINY, lora=[{"model": "civitai:1@1"}]),
+        "invalidLora",
+        "lora[0].model",
+    ),
+    Rejected(
+        "lora-is-a-controlnet",
+        mutated(TINY, lora=[{"model": CONTROLNET}]),
+        "invalidLora",
+        "lora[0].model",
+    ),
+    Rejected(
+        "lora-for-another-architecture",
+        mutated(XL, lora=[{"model": LORA}]),
+        "invalidLora",
+        "lora[0].model",
+    ),
+    Rejected(
+        "lora-twice",
+        mutated(TINY, lora=[{"model": LORA}, {"model": LORA, "weight": 0.5}]),
+        "invalidLora",
+        "lora[1].model",
+    ),
+    Rejected("lora-eleven", mutated(TINY, lora=[{"model": LORA}] * 11), "invalidLora", "lora"),
+    Rejected("lora-not-a-list", mutated(TINY, lora={"model": LORA}), "invalidLora", "lora"),
+    # -- controlNet --
+    Rejected(
+        "controlNet-guideImage-missing",
+        mutated(TINY, controlNet=control(guideImage=DROP)),
+        "invalidControlNet",
+        "controlNet[0].guideImage",
+    ),
+    Rejected(
+        "controlNet-guideImage-bad-url",
+        mutated(TINY, controlNet=control(guideImage="https://example.com:99999/a.png")),
+        "invalidControlNet",
+        "controlNet[0].guideImage",
+    ),
+    Rejected(
+        "controlNet-weight-3",
+        mutated(TINY, controlNet=control(weight=3)),
+        "invalidControlNet",
+        "controlNet[0].weight",
+    ),
+    Rejected(
+        "controlNet-unknown-air",
+        mutated(TINY, controlNet=control(model="civitai:2@1")),
+        "invalidControlNet",
+        "controlNet[0].model",
+    ),
+    Rejected(
+        "controlNet-is-a-lora",
+        mutated(TINY, controlNet=control(model=LORA)),
+        "invalidControlNet",
+        "controlNet[0].model",
+    ),
+    Rejected(
+        "controlNet-start-two-ways",
+        mutated(TINY, controlNet=control(startStep=1, startStepPercentage=10)),
+        "invalidControlNet",
+        "controlNet[0].startStepPercentage",
+    ),
+    Rejected(
+        "controlNet-end-before-start",
+        mutated(TINY, controlNet=control(startStepPercentage=60, endStepPercentage=20)),
+        "invalidControlNet",
+        "controlNet[0].endStepPercentage",
+    ),
+    Rejected(
+        "controlNet-end-percentage-0",
+        mutated(TINY, controlNet=control(endStepPercentage=0)),
+        "invalidControlNet",
+        "controlNet[0].endStepPercentage",
+    ),
+    Rejected(
+        "controlNet-controlMode-unknown",
+        mutated(TINY, controlNet=control(controlMode="loud")),
+        "invalidControlNet",
+        "controlNet[0].controlMode",
+    ),
+    Rejected(
+        "controlNet-preprocessor-unknown",
+        mutated(TINY, controlNet=control(preprocessor="openpose_full")),
+        "invalidControlNet",
+        "controlNet[0].preprocessor",
+    ),
+    # -- ipAdapters --
+    Rejected(
+        "ipAdapters-no-image",
+        mutated(TINY, ipAdapters=[{"model": "impasto:tiny-ip-adapter@1"}]),
+        "invalidIpAdapters",
+        "ipAdapters[0].guideImage",
+    ),
+    Rejected(
+        "ipAdapters-unknown-air",
+        mutated(TINY, ipAdapters=[{"model": "civitai:9@9", "guideImage": IMAGE_UUID}]),
+        "invalidIpAdapters",
+        "ipAdapters[0].model",
+    ),
+    Rejected(
+        "ipAdapters-weight-negative",
+        mutated(
+            TINY,
+            ipAdapters=[
+                {"model": "impasto:tiny-ip-adapter@1", "guideImage": IMAGE_UUID, "weight": -1}
+            ],
+        ),
+        "invalidIpAdapters",
+        "ipAdapters[0].weight",
+    ),
+    # -- prompt, vae, embeddings --
+    Rejected("clipSkip-3", mutated(TINY, clipSkip=3), "invalidClipSkip", "clipSkip"),
+    Rejected(
+        "promptWeighting-unknown",
+        mutated(TINY, promptWeighting="bold"),
+        "invalidPromptWeighting",
+        "promptWeighting",
+    ),
+    Rejected(
+        "promptWeighting-two-ways",
+        mutated(TINY, promptWeighting="compel", usePromptWeighting=True),
+        "invalidPromptWeighting",
+        "usePromptWeighting",
+    ),
+    Rejected("vae-unknown-air", mutated(TINY, vae="civitai:3@1"), "invalidVae", "vae"),
+    Rejected("vae-is-a-lora", mutated(TINY, vae=LORA), "invalidVae", "vae"),
+    Rejected(
+        "embeddings-unknown-air",
+        mutated(TINY, embeddings=[{"model": "civitai:4@1"}]),
+        "invalidEmbeddings",
+        "embeddings[0].model",
+    ),
+    # -- refiner --
+    Rejected(
+        "refiner-unknown-air",
+        mutated(XL, refiner={"model": "civitai:5@1"}),
+        "invalidRefiner",
+        "refiner.model",
+    ),
+    Rejected(
+        "refiner-other-architecture",
+        mutated(XL, refiner={"model": "impasto:tiny@1"}),
+        "invalidRefiner",
+        "refiner.model",
+    ),
+    Rejected(
+        "refiner-start-two-ways",
+        mutated(
+            XL,
+            refiner={
+                "model": "impasto:tiny-xl-refiner@1",
+                "startStep": 1,
+                "startStepPercentage": 50,
+            },
+        ),
+        "invalidRefiner",
+        "refiner.startStepPercentage",
+    ),
+    Rejected(
+        "refiner-start-100",
+        mutated(XL, refiner={"model": "impasto:tiny-xl-refiner@1", "startStepPercentage": 100}),
+        "invalidRefiner",
+        "refiner.startStepPercentage",
+    ),
+    # -- img2img, inpainting, outpainting --
+    Rejected(
+        "seedImage-twice",
+        seeded(inputs={"seedImage": IMAGE_UUID}),
+        "invalidSeedImage",
+        "inputs.seedImage",
+    ),
+    Rejected("seedImage-empty", mutated(TINY, seedImage=""), "invalidSeedImage", "seedImage"),
+    Rejected(
+        "maskImage-without-seedImage",
+        mutated(TINY, maskImage=IMAGE_UUID),
+        "missingSeedImage",
+        "seedImage",
+    ),
+    Rejected(
+        "inputs-mask-without-seedImage",
+        mutated(TINY, inputs={"mask": IMAGE_UUID}),
+        "missingSeedImage",
+        "seedImage",
+    ),
+    Rejected("maskMargin-without-mask", seeded(maskMargin=64), "missingMaskImage", "maskImage"),
+    Rejected(
+        "maskMargin-10",
+        seeded(maskImage=IMAGE_UUID, maskMargin=10),
+        "invalidMaskMargin",
+        "maskMargin",
+    ),
+    Rejected(
+        "outpaint-without-seedImage",
+        mutated(TINY, outpaint={"top": 64}),
+        "missingSeedImage",
+        "seedImage",
+    ),
+    Rejected("outpaint-nothing", seeded(outpaint={"top": 0}), "invalidOutpaint", "outpaint"),
+    Rejected(
+        "outpaint-side-not-a-multiple-of-8",
+        seeded(outpaint={"top": 13}),
+        "invalidOutpaint",
+        "outpaint.top",
+    ),
+    Rejected(
+        "outpaint-blur-33",
+        seeded(outpaint={"top": 64, "blur": 33}),
+        "invalidOutpaint",
+        "outpaint.blur",
+    ),
+    Rejected(
+        "outpaint-and-mask",
+        seeded(outpaint={"top": 64}, maskImage=IMAGE_UUID),
+        "invalidOutpaint",
+        "outpaint",
+    ),
+    Rejected(
+        "inpaint-model-without-mask",
+        seeded(model="impasto:tiny-inpaint@1"),
+        "missingMaskImage",
+        "maskImage",
+    ),
+    Rejected(
+        "inpaint-model-without-seed",
+        mutated(TINY, model="impasto:tiny-inpaint@1"),
+        "missingSeedImage",
+        "seedImage",
+    ),
+    Rejected("model-is-a-lora", mutated(TINY, model=LORA), "invalidModel", "model"),
+    Rejected(
+        "model-is-a-refiner",
+        mutated(TINY, model="impasto:tiny-xl-refiner@1"),
+        "invalidModel",
+        "model",
+    ),
+]
 
 REJECTED: list[Rejected] = [
     # -- the request element itself --
@@ -487,27 +760,53 @@ REJECTED: list[Rejected] = [
         )
     ),
     Rejected("turbo-seed", mutated(TURBO, seed=42), "unsupportedParameter", "seed"),
-    # -- protocol parameters that no impasto model takes --
+    # -- image modes a model does not take --
     *(
-        Rejected(f"{base_id}-{name}", mutated(base, **{name: value}), "unsupportedParameter", name)
-        for base_id, base in (("runway", RUNWAY), ("tiny", TINY))
+        Rejected(f"runway-{name}", mutated(RUNWAY, **{name: value}), "unsupportedParameter", name)
         for name, value in (
-            ("lora", [{"model": "civitai:1@1", "weight": 1.0}]),
-            ("controlNet", [{"model": "civitai:2@1", "guideImage": IMAGE_UUID}]),
+            ("lora", [{"model": "impasto:tiny-lora@1", "weight": 1.0}]),
+            ("controlNet", [{"model": "impasto:tiny-controlnet@1", "guideImage": IMAGE_UUID}]),
             ("clipSkip", 1),
-            ("vae", "civitai:3@1"),
+            ("vae", "impasto:tiny-vae@1"),
             ("seedImage", IMAGE_UUID),
+            ("promptWeighting", "compel"),
         )
     ),
     *(
         Rejected(
-            f"inputs-{name}",
-            mutated(TINY, inputs={name: IMAGE_UUID}),
+            f"runway-inputs-{name}",
+            mutated(RUNWAY, inputs={name: IMAGE_UUID}),
             "unsupportedParameter",
             f"inputs.{name}",
         )
-        for name in ("image", "seedImage", "mask")
+        for name in ("image", "seedImage")
     ),
+    Rejected(
+        "runway-inputs-mask",
+        mutated(RUNWAY, inputs={"seedImage": IMAGE_UUID, "mask": IMAGE_UUID}),
+        "unsupportedParameter",
+        "inputs.mask",
+    ),
+    Rejected("flux-clipSkip", mutated(FLUX, clipSkip=1), "unsupportedParameter", "clipSkip"),
+    Rejected(
+        "flux-embeddings",
+        mutated(FLUX, embeddings=[{"model": "impasto:tiny-embedding@1"}]),
+        "unsupportedParameter",
+        "embeddings",
+    ),
+    Rejected(
+        "tiny-refiner-is-sdxl-only",
+        mutated(TINY, refiner={"model": "impasto:tiny-xl-refiner@1"}),
+        "unsupportedParameter",
+        "refiner",
+    ),
+    Rejected(
+        "protocol-parameter-no-model-takes",
+        mutated(TINY, lycoris=[{"model": "civitai:1@1", "weight": 1.0}]),
+        "unsupportedParameter",
+        "lycoris",
+    ),
+    *MODE_ROWS,
     # -- keys that are not parameters at all --
     Rejected("made-up-key", mutated(RUNWAY, fooBar=1), "unknownParameter", "fooBar"),
     Rejected("made-up-key-on-tiny", mutated(TINY, colour="red"), "unknownParameter", "colour"),
@@ -886,7 +1185,7 @@ def test_parse_errors_carry_the_task_context_without_help() -> None:
     """parse_task itself names the task in its errors; the dispatcher need not add it."""
     for raw in (
         mutated(RUNWAY, width="wide"),
-        mutated(RUNWAY, lora=[]),
+        mutated(RUNWAY, lora=[{"weight": 1}]),
         mutated(RUNWAY, taskType="videoInference"),
         mutated(UPLOAD, image=DROP),
     ):

@@ -22,6 +22,86 @@ class ReferenceImage:
 
 
 @dataclass(frozen=True)
+class LoraUse:
+    """A LoRA (by AIR) applied at a weight."""
+
+    air: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class EmbeddingUse:
+    """A textual-inversion embedding (by AIR); weight scales its vectors."""
+
+    air: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ControlUse:
+    """A ControlNet (by AIR) with its guide image and when in the schedule it acts."""
+
+    air: str
+    image: Image.Image
+    weight: float = 1.0
+    start_step: int | None = None
+    end_step: int | None = None
+    start_percent: int | None = None
+    end_percent: int | None = None
+    mode: str = "balanced"
+
+    def window(self, steps: int) -> tuple[float, float]:
+        """(start, end) as fractions of the schedule, as diffusers' control_guidance_* take."""
+        start = 0.0
+        end = 1.0
+        if self.start_percent is not None:
+            start = self.start_percent / 100
+        elif self.start_step is not None:
+            start = min(1.0, self.start_step / max(1, steps))
+        if self.end_percent is not None:
+            end = self.end_percent / 100
+        elif self.end_step is not None:
+            end = min(1.0, self.end_step / max(1, steps))
+        return start, max(end, start)
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """An IP-Adapter (by AIR) with its image prompt(s)."""
+
+    air: str
+    images: tuple[Image.Image, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RefinerUse:
+    """An SDXL refiner (by AIR) that takes over for the end of the schedule."""
+
+    air: str
+    start_step: int | None = None
+    start_percent: int | None = None
+
+    def start(self, steps: int) -> float:
+        if self.start_percent is not None:
+            return self.start_percent / 100
+        if self.start_step is not None:
+            return min(0.99, self.start_step / max(1, steps))
+        return 0.8
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Pixels to add on each side of the seed image, and the seam's feather."""
+
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    left: int = 0
+    blur: int = 0
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """One image to make: generation `index` of task `task_uuid`."""
 
@@ -38,6 +118,19 @@ class GenerationJob:
     scheduler: str | None = None
     strength: float | None = None
     reference_images: tuple[ReferenceImage, ...] = ()
+    # Image modes (diffusers): img2img / inpainting / outpainting inputs and add-ons.
+    seed_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    mask_margin: int | None = None
+    outpaint: Outpaint | None = None
+    loras: tuple[LoraUse, ...] = ()
+    controlnets: tuple[ControlUse, ...] = ()
+    ip_adapters: tuple[AdapterUse, ...] = ()
+    refiner: RefinerUse | None = None
+    vae: str | None = None
+    embeddings: tuple[EmbeddingUse, ...] = ()
+    clip_skip: int | None = None
+    prompt_weighting: str | None = None
     provider_settings: Mapping[str, Any] = field(default_factory=dict)
     # Backend bookkeeping from an earlier run of this job (e.g. a provider's task id).
     resume: Mapping[str, Any] = field(default_factory=dict)

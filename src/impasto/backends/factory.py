@@ -13,7 +13,7 @@ from typing import Any
 from impasto.backends.base import Backend
 from impasto.backends.devices import DevicePool
 from impasto.backends.registry import ModelEntry, ModelRegistry
-from impasto.protocol.errors import ImpastoError, ProviderNotConfigured
+from impasto.protocol.errors import ImpastoError, ModelNotFound, ProviderNotConfigured
 
 RUNWAY_DEFAULT_URL = "https://api.dev.runwayml.com"
 
@@ -42,6 +42,39 @@ class BackendContext:
     runway: RunwayOptions = field(default_factory=RunwayOptions)
     # Never download model weights: only local paths and the local Hugging Face cache.
     offline: bool = False
+    # For the LoRAs, ControlNets, VAEs, embeddings, IP-Adapters and refiners tasks name.
+    registry: ModelRegistry | None = None
+
+
+def weights_source(entry: ModelEntry, context: BackendContext) -> str | Path:
+    """Where an entry's weights are: its path (hub id or directory), or for the built-in tiny
+    models and assets the directory they are built into (once) under the models directory."""
+    if entry.backend != "tiny":
+        return entry.path or ""
+    from impasto.backends.tiny import TINY_IP_ADAPTER, ensure_tiny_ip_adapter, ensure_tiny_pipeline
+
+    pipeline_dir = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
+    asset = entry.settings.get("asset")
+    if asset is None:
+        return pipeline_dir
+    if asset == "ip-adapter":
+        return ensure_tiny_ip_adapter(context.models_dir / TINY_IP_ADAPTER, pipeline_dir)
+    from impasto.backends.tiny_assets import ensure_tiny_asset
+
+    return ensure_tiny_asset(str(asset), context.models_dir, pipeline_dir)
+
+
+def asset_locator(context: BackendContext) -> Any:
+    """AIR -> (entry, weights source) for the assets a task names (checked at acceptance)."""
+    registry = context.registry
+
+    def locate(air: str) -> tuple[ModelEntry, str | Path]:
+        entry = registry.get(air) if registry is not None else None
+        if entry is None:
+            raise ModelNotFound(f"{air} is not available on this server.", parameter="model")
+        return entry, weights_source(entry, context)
+
+    return locate
 
 
 def provider_key(entry: ModelEntry, context: BackendContext, provider: str) -> str | None:
@@ -90,6 +123,7 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
     if kind in ("tiny", "diffusers"):
         from impasto.backends.diffusers_backend import DiffusersBackend
 
+        source = weights_source(entry, context)
         if kind == "tiny":
             from impasto.backends.tiny import (
                 TINY_IP_ADAPTER,
@@ -97,21 +131,23 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
                 ensure_tiny_pipeline,
             )
 
-            pipeline_dir = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
-            source: str | Path = pipeline_dir
             adapter = entry.settings.get("ip_adapter")
             if isinstance(adapter, dict) and adapter.get("path") == TINY_IP_ADAPTER:
+                pipeline_dir = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
                 built = ensure_tiny_ip_adapter(context.models_dir / TINY_IP_ADAPTER, pipeline_dir)
                 entry = replace(
                     entry,
                     settings={**entry.settings, "ip_adapter": {**adapter, "path": str(built)}},
                 )
-        else:
-            source = entry.path or ""
         # One replica per device: the lane then runs one batch per device at a time.
         workers = context.devices.workers()
         return DiffusersBackend(
-            entry, source, workers, context.max_batch_size, offline=context.offline
+            entry,
+            source,
+            workers,
+            context.max_batch_size,
+            offline=context.offline,
+            assets=asset_locator(context),
         )
     if kind == "runway":
         key = provider_key(entry, context, "runway")

@@ -38,6 +38,9 @@ from impasto.protocol.rules import (
     SizeRule,
 )
 
+ASSET_CATEGORIES = ("lora", "controlnet", "vae", "embeddings", "ipadapter")
+CHECKPOINT_TYPES = ("base", "inpainting", "refiner")
+
 AIR_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*:[A-Za-z0-9._-]+@[A-Za-z0-9._-]+$")
 
 TINY_AIR = "impasto:tiny@1"
@@ -58,7 +61,15 @@ class ModelEntry:
     rules: ModelRules
     path: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # Runware's modelSearch vocabulary: category checkpoint | lora | controlnet | vae |
+    # embeddings | ipadapter; a checkpoint's type is base | inpainting | refiner.
     category: str = "checkpoint"
+    type: str = "base"
+
+    @property
+    def is_asset(self) -> bool:
+        """A LoRA, ControlNet, VAE, embedding or IP-Adapter: used by a checkpoint, never run."""
+        return self.category != "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,42 @@ def _any_size(default: tuple[int, int], max_side: int = 2048) -> SizeRule:
 def _builtin_entries() -> list[ModelEntry]:
     runway_sizes = SizeRule(default=(1024, 1024), allowed=frozenset(RUNWAY_SIZES))
     runway_prices = PriceTable(per_image=0.08, by_size=dict.fromkeys(RUNWAY_720P_SIZES, 0.05))
-    local = frozenset(GENERATION_PARAMETERS)
+    local = frozenset(GENERATION_PARAMETERS) - {"refiner"}
+    xl = frozenset(GENERATION_PARAMETERS)
+    flux = frozenset(
+        {"seed", "steps", "CFGScale", "scheduler", "strength", "seedImage", "maskImage"}
+        | {"maskMargin", "outpaint", "lora"}
+    )
+    tiny = {"steps": 2, "guidance_scale": 2.0}
     return [
+        *_tiny_assets(),
+        ModelEntry(
+            air="impasto:tiny-inpaint@1",
+            name="impasto tiny inpainting checkpoint (9-channel UNet, random weights)",
+            architecture="sd1x",
+            backend="tiny",
+            type="inpainting",
+            rules=ModelRules(
+                air="impasto:tiny-inpaint@1",
+                sizes=_any_size((512, 512)),
+                parameters=local,
+                required=frozenset({"maskImage"}),
+            ),
+            settings={**tiny, "asset": "inpaint"},
+        ),
+        ModelEntry(
+            air="impasto:tiny-xl@1",
+            name="impasto tiny SDXL (two text encoders, random weights; refiner: tiny-xl-refiner)",
+            architecture="sdxl",
+            backend="tiny",
+            rules=ModelRules(
+                air="impasto:tiny-xl@1",
+                sizes=_any_size((512, 512)),
+                parameters=xl - {"controlNet", "ipAdapters", "embeddings"},
+                max_reference_images=1,
+            ),
+            settings={**tiny, "asset": "xl"},
+        ),
         ModelEntry(
             air=TINY_AIR,
             name="impasto tiny (random weights, for tests and offline first runs)",
@@ -103,7 +148,8 @@ def _builtin_entries() -> list[ModelEntry]:
             rules=ModelRules(
                 air="impasto:tiny-ip@1",
                 sizes=_any_size((512, 512)),
-                parameters=local - {"strength"},
+                # Its configured adapter takes the reference image; no per-request ones.
+                parameters=local - {"strength", "ipAdapters"},
                 max_reference_images=1,
             ),
             settings={
@@ -155,7 +201,7 @@ def _builtin_entries() -> list[ModelEntry]:
             rules=ModelRules(
                 air="runware:100@1",
                 sizes=_any_size((1024, 1024)),
-                parameters=frozenset({"seed", "steps", "CFGScale", "scheduler", "strength"}),
+                parameters=flux,
                 max_reference_images=1,
             ),
             settings={"dtype": "bfloat16", "steps": 4, "guidance_scale": 0.0},
@@ -169,7 +215,7 @@ def _builtin_entries() -> list[ModelEntry]:
             rules=ModelRules(
                 air="runware:101@1",
                 sizes=_any_size((1024, 1024)),
-                parameters=frozenset({"seed", "steps", "CFGScale", "scheduler", "strength"}),
+                parameters=flux,
                 max_reference_images=1,
             ),
             settings={"dtype": "bfloat16", "steps": 28, "guidance_scale": 3.5},
@@ -183,7 +229,7 @@ def _builtin_entries() -> list[ModelEntry]:
             rules=ModelRules(
                 air="civitai:101055@128078",
                 sizes=_any_size((1024, 1024)),
-                parameters=local,
+                parameters=xl,
                 max_reference_images=1,
             ),
             settings={"dtype": "float16", "variant": "fp16", "steps": 30, "guidance_scale": 7.0},
@@ -205,12 +251,59 @@ def _builtin_entries() -> list[ModelEntry]:
     ]
 
 
+def _tiny_assets() -> list[ModelEntry]:
+    """The tiny model's LoRAs, ControlNet, VAE, embedding and IP-Adapter, built in code."""
+
+    def asset(air: str, name: str, category: str, asset: str, **settings: Any) -> ModelEntry:
+        return ModelEntry(
+            air=air,
+            name=name,
+            architecture="sd1x",
+            backend="tiny",
+            category=category,
+            rules=ModelRules(air=air, sizes=_any_size((512, 512))),
+            settings={"asset": asset, **settings},
+        )
+
+    return [
+        asset("impasto:tiny-lora@1", "impasto tiny LoRA one (random)", "lora", "lora1"),
+        asset("impasto:tiny-lora@2", "impasto tiny LoRA two (random)", "lora", "lora2"),
+        asset("impasto:tiny-controlnet@1", "impasto tiny ControlNet", "controlnet", "controlnet"),
+        asset("impasto:tiny-vae@1", "impasto tiny VAE (other random weights)", "vae", "vae"),
+        asset(
+            "impasto:tiny-embedding@1",
+            "impasto tiny textual inversion",
+            "embeddings",
+            "embedding",
+            token="<impasto-tiny>",
+        ),
+        asset(
+            "impasto:tiny-ip-adapter@1",
+            "impasto tiny IP-Adapter",
+            "ipadapter",
+            "ip-adapter",
+            subfolder="models",
+            weight_name="ip-adapter_tiny.safetensors",
+        ),
+        ModelEntry(
+            air="impasto:tiny-xl-refiner@1",
+            name="impasto tiny SDXL refiner",
+            architecture="sdxl",
+            backend="tiny",
+            type="refiner",
+            rules=ModelRules(air="impasto:tiny-xl-refiner@1", sizes=_any_size((512, 512))),
+            settings={"asset": "xl-refiner"},
+        ),
+    ]
+
+
 _ENTRY_KEYS = {
     "name",
     "architecture",
     "backend",
     "path",
     "category",
+    "type",
     "sizes",
     "min_side",
     "max_side",
@@ -303,6 +396,9 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             provider=table.get("provider", rules.provider),
             price=price,
         )
+        category, kind = _kind(table, base, where)
+        if kind == "inpainting":
+            rules = replace(rules, required=rules.required | {"maskImage"})
         return replace(
             base,
             air=air,
@@ -310,7 +406,8 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             architecture=str(table.get("architecture", base.architecture)),
             backend=str(table.get("backend", base.backend)),
             path=table.get("path", base.path),
-            category=str(table.get("category", base.category)),
+            category=category,
+            type=kind,
             settings={**base.settings, **dict(table.get("settings", {}))},
             rules=rules,
         )
@@ -318,6 +415,25 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
         if isinstance(exc, ModelsFileError):
             raise
         raise ModelsFileError(f"{where}: {exc}") from None
+
+
+def _kind(table: Mapping[str, Any], base: ModelEntry, where: str) -> tuple[str, str]:
+    """(category, type): `type = "lora"` (or controlnet, vae, embeddings, ipadapter) makes an
+    asset; `type = "inpainting"` (or base, refiner) a checkpoint of that kind."""
+    category = str(table.get("category", base.category))
+    kind = str(table.get("type", base.type))
+    if kind in ASSET_CATEGORIES:
+        category, kind = kind, "base"
+    elif kind not in CHECKPOINT_TYPES:
+        raise ModelsFileError(
+            f"{where}: type {kind!r} is not one of {', '.join(CHECKPOINT_TYPES + ASSET_CATEGORIES)}"
+        )
+    if category != "checkpoint" and category not in ASSET_CATEGORIES:
+        raise ModelsFileError(
+            f"{where}: category {category!r} is not checkpoint or one of "
+            f"{', '.join(ASSET_CATEGORIES)}"
+        )
+    return category, kind
 
 
 class ModelRegistry:
@@ -378,6 +494,10 @@ class ModelRegistry:
             )
         target = self._entries[self._aliases.get(air, air)]
         return ResolvedModel(requested=requested, target=target)
+
+    def get(self, air: str) -> ModelEntry | None:
+        """The entry of an AIR as it is (no alias), or None."""
+        return self._entries.get(air)
 
     def entries(self) -> list[ModelEntry]:
         return sorted(self._entries.values(), key=lambda entry: entry.air)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # Bump when the architecture changes, so old copies in data dirs are rebuilt.
@@ -129,28 +130,50 @@ def _build(directory: Path) -> None:
     shutil.rmtree(token_dir)
 
 
-def ensure_tiny_pipeline(directory: Path) -> Path:
-    """Build and save the tiny pipeline under `directory` unless a current copy is there."""
-    marker = directory / _MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("version") == TINY_VERSION:
-                return directory
-        except (OSError, ValueError):
-            pass
+def is_built(directory: Path, marker: Mapping[str, object]) -> bool:
+    """Whether `directory` holds a finished build whose marker file says exactly `marker`."""
+    try:
+        return bool(json.loads((directory / _MARKER).read_text()) == dict(marker))
+    except (OSError, ValueError):
+        return False
+
+
+def build_atomically(
+    directory: Path,
+    build: Callable[[Path], None],
+    marker: Mapping[str, object],
+    *,
+    prefix: str = ".tiny-",
+) -> Path:
+    """Run `build` into a staging directory beside `directory`, write `marker` into it and
+    rename it into place, unless `directory` already holds a build with that marker."""
+    if is_built(directory, marker):
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written model.
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=directory.parent))
     try:
-        _build(staging)
-        (staging / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
+        build(staging)
+        (staging / _MARKER).write_text(json.dumps(dict(marker)))
+        # Another process may have finished the same build meanwhile: its copy is as good.
+        if is_built(directory, marker):
+            return directory
         if directory.exists():
             shutil.rmtree(directory)
-        staging.rename(directory)
+        try:
+            staging.rename(directory)
+        except OSError:
+            if not is_built(directory, marker):
+                raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def ensure_tiny_pipeline(directory: Path) -> Path:
+    """Build and save the tiny pipeline under `directory` unless a current copy is there."""
+    return build_atomically(directory, _build, {"version": TINY_VERSION})
 
 
 TINY_IP_ADAPTER = "impasto-tiny-ip-adapter"
@@ -208,18 +231,9 @@ def _build_ip_adapter(directory: Path, pipeline_dir: Path) -> None:
 def ensure_tiny_ip_adapter(directory: Path, pipeline_dir: Path) -> Path:
     """A tiny IP-Adapter (image encoder and adapter weights, random) for the tiny pipeline, in
     the layout of a real one, so the IP-Adapter path of diffusers runs offline too."""
-    marker = directory / _MARKER
-    if marker.exists():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-ip-", dir=directory.parent))
-    try:
-        _build_ip_adapter(staging, pipeline_dir)
-        (staging / _MARKER).write_text(json.dumps({"version": TINY_VERSION}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return build_atomically(
+        directory,
+        lambda staging: _build_ip_adapter(staging, pipeline_dir),
+        {"version": TINY_VERSION},
+        prefix=".tiny-ip-",
+    )

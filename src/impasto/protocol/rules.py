@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
+from impasto.protocol.modes import mode_problems
 
 if TYPE_CHECKING:
     from impasto.protocol.tasks import ImageInferenceIn
@@ -50,27 +51,41 @@ PLATFORM_PARAMETERS = frozenset(
 )
 
 # Generation parameters that some models take (the model's rules list which).
-GENERATION_PARAMETERS = frozenset(
+SAMPLING_PARAMETERS = frozenset(
     {"negativePrompt", "seed", "steps", "CFGScale", "scheduler", "strength"}
 )
+# The image modes beyond text-to-image; `modelSearch` lists the ones a model supports.
+MODE_PARAMETERS = frozenset(
+    {
+        "seedImage",
+        "maskImage",
+        "maskMargin",
+        "outpaint",
+        "lora",
+        "controlNet",
+        "ipAdapters",
+        "refiner",
+        "vae",
+        "embeddings",
+        "clipSkip",
+        "promptWeighting",
+    }
+)
+GENERATION_PARAMETERS = SAMPLING_PARAMETERS | MODE_PARAMETERS
+# Where the same mode is asked for under another name.
+_MODE_ALIASES = {
+    "usePromptWeighting": "promptWeighting",
+    "inputs.seedImage": "seedImage",
+    "inputs.image": "seedImage",
+    "inputs.mask": "maskImage",
+}
 
 # Parameters of the Runware protocol that no impasto model takes yet: asking for them is an
 # `unsupportedParameter`, not an `unknownParameter`.
 KNOWN_UNSUPPORTED_PARAMETERS = frozenset(
     {
-        "clipSkip",
-        "promptWeighting",
-        "usePromptWeighting",
-        "maskMargin",
-        "outpaint",
         "hiresFix",
-        "refiner",
-        "vae",
-        "lora",
         "lycoris",
-        "embeddings",
-        "controlNet",
-        "ipAdapters",
         "photoMaker",
         "acceleratorOptions",
         "acceleration",
@@ -82,16 +97,12 @@ KNOWN_UNSUPPORTED_PARAMETERS = frozenset(
         "settings",
         "resolution",
         "useCache",
-        "seedImage",
-        "maskImage",
     }
 )
 
 # Members of `inputs` in the Runware protocol that no impasto model takes yet (besides
 # `referenceImages`); like the parameters above they are unsupported, not unknown.
-KNOWN_UNSUPPORTED_INPUTS = frozenset(
-    {"image", "images", "seedImage", "mask", "fonts", "superResolutionReferences", "references"}
-)
+KNOWN_UNSUPPORTED_INPUTS = frozenset({"images", "fonts", "superResolutionReferences"})
 
 # Runway's 16 Gen-4 Image sizes, and the ones Runware prices as 720p.
 RUNWAY_SIZES: tuple[Size, ...] = (
@@ -160,6 +171,8 @@ class ModelRules:
     max_reference_images: int = 0
     provider: str | None = None
     price: PriceTable = field(default_factory=PriceTable)
+    # Inputs every task for this model needs (an inpainting checkpoint needs a seedImage).
+    required: frozenset[str] = frozenset()
 
     def accepts(self, parameter: str) -> bool:
         return parameter in PLATFORM_PARAMETERS or parameter in self.parameters
@@ -172,11 +185,27 @@ def code_name(parameter: str) -> str:
 
 def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
     """Model-specific rules: sizes, parameters the model takes, result and reference counts."""
-    given = task.model_fields_set
-    for name in sorted(GENERATION_PARAMETERS & given):
+    for name, parameter in requested_parameters(task):
         if not rules.accepts(name):
             raise UnsupportedParameter(
-                f"Parameter {name} is not supported by model {rules.air}.", parameter=name
+                f"Parameter {parameter} is not supported by model {rules.air}.",
+                parameter=parameter,
+            )
+    _check_mode_inputs(task)
+    if "maskImage" in rules.required:
+        missing = (
+            "seedImage"
+            if task.seed_image() is None
+            else "maskImage"
+            if task.mask_image() is None and task.outpaint is None
+            else None
+        )
+        if missing is not None:
+            raise InvalidParameter(
+                f"Model {rules.air} is an inpainting model: it needs a seedImage and a "
+                "maskImage (or outpaint).",
+                code=f"missing{code_name(missing)}",
+                parameter=missing,
             )
     _check_size(task, rules)
     if task.numberResults > rules.max_results:
@@ -197,6 +226,89 @@ def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
                     code="mismatchProviderSettingsProvider",
                     parameter=f"providerSettings.{provider}",
                 )
+
+
+def requested_parameters(task: ImageInferenceIn) -> list[tuple[str, str]]:
+    """(generation parameter, the name the client used) for each one the task asks for; an
+    empty list (`lora: []`) asks for nothing."""
+    given = [
+        name
+        for name in sorted(task.model_fields_set)
+        if name in GENERATION_PARAMETERS or name in _MODE_ALIASES
+    ]
+    if task.inputs is not None:
+        given += [
+            f"inputs.{name}"
+            for name in sorted(task.inputs.model_fields_set)
+            if name != "references"
+        ]
+    found = []
+    for parameter in given:
+        value = _value_at(task, parameter)
+        if value is None or value == [] or value is False:
+            continue
+        name = _MODE_ALIASES.get(parameter, parameter)
+        if name in GENERATION_PARAMETERS:
+            found.append((name, parameter))
+    return found
+
+
+def _value_at(task: ImageInferenceIn, parameter: str) -> object:
+    holder: object = task
+    for part in parameter.split("."):
+        holder = getattr(holder, part, None)
+    return holder
+
+
+def _check_mode_inputs(task: ImageInferenceIn) -> None:
+    """Inputs that only make sense together, and one place for each."""
+    seed = task.seed_image()
+    mask = task.mask_image()
+    for name, found in (
+        ("seedImage", task.image_inputs("seedImage", ("seedImage", "image"))),
+        ("maskImage", task.image_inputs("maskImage", ("mask",))),
+    ):
+        if len(found) > 1:
+            raise InvalidParameter(
+                f"Give the {name} once: {' and '.join(p for p, _ in found)} were both given.",
+                code=f"invalid{code_name(name)}",
+                parameter=found[1][0],
+            )
+    if seed is None:
+        for needs, present in (
+            ("maskImage", mask is not None),
+            ("outpaint", task.outpaint is not None),
+        ):
+            if present:
+                raise InvalidParameter(
+                    f"{needs} needs a seedImage (the image to change).",
+                    code="missingSeedImage",
+                    parameter="seedImage",
+                )
+    if task.maskMargin is not None and mask is None:
+        raise InvalidParameter(
+            "maskMargin needs a maskImage (it is the context around the masked area).",
+            code="missingMaskImage",
+            parameter="maskImage",
+        )
+    if task.outpaint is not None and mask is not None:
+        raise InvalidParameter(
+            "Give outpaint or maskImage, not both: outpainting makes its own mask.",
+            code="invalidOutpaint",
+            parameter="outpaint",
+        )
+    for parameter, code, message in mode_problems(
+        task.controlNet, task.ipAdapters, task.refiner, task.outpaint
+    ):
+        raise InvalidParameter(
+            f"Invalid value for {parameter} parameter: {message}.", code=code, parameter=parameter
+        )
+    if task.usePromptWeighting and task.promptWeighting is not None:
+        raise InvalidParameter(
+            "Give promptWeighting or the legacy usePromptWeighting, not both.",
+            code="invalidPromptWeighting",
+            parameter="usePromptWeighting",
+        )
 
 
 def _check_size(task: ImageInferenceIn, rules: ModelRules) -> None:
@@ -227,15 +339,22 @@ def _check_size(task: ImageInferenceIn, rules: ModelRules) -> None:
 
 
 def _check_reference_images(task: ImageInferenceIn, rules: ModelRules) -> None:
-    top = task.referenceImages
-    nested = task.inputs.referenceImages if task.inputs is not None else None
-    if top and nested:
-        raise InvalidParameter(
-            "Give referenceImages either at top level or under inputs, not both.",
-            code="invalidReferenceImages",
-            parameter="referenceImages",
+    given = [
+        name
+        for name, value in (
+            ("referenceImages", task.referenceImages),
+            ("inputs.referenceImages", task.inputs.referenceImages if task.inputs else None),
+            ("inputs.references", task.inputs.references if task.inputs else None),
         )
-    parameter = "inputs.referenceImages" if nested else "referenceImages"
+        if value
+    ]
+    if len(given) > 1:
+        raise InvalidParameter(
+            f"Give reference images once: {' and '.join(given)} were both given.",
+            code="invalidReferenceImages",
+            parameter=given[0],
+        )
+    parameter = task.reference_parameter()
     count = len(task.reference_images())
     if count and rules.max_reference_images == 0:
         raise UnsupportedParameter(
@@ -266,7 +385,7 @@ def _check_runway_inputs(task: ImageInferenceIn) -> None:
             code="invalidPositivePrompt",
             parameter="positivePrompt",
         )
-    base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+    base = task.reference_parameter()
     for i, ref in enumerate(task.reference_images()):
         if ref.tag is not None and not RUNWAY_TAG.fullmatch(ref.tag):
             raise InvalidParameter(

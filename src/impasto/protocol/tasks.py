@@ -48,12 +48,30 @@ from impasto.protocol.fields import (
     reference_item,
     single_output_type,
 )
+from impasto.protocol.modes import (
+    MAX_CONTROLNETS,
+    MAX_EMBEDDINGS,
+    MAX_IP_ADAPTERS,
+    MAX_LORAS,
+    ControlNetIn,
+    EmbeddingIn,
+    IpAdapterIn,
+    LoraIn,
+    ModelAIR,
+    OutpaintIn,
+    RefinerIn,
+)
 from impasto.protocol.rules import KNOWN_UNSUPPORTED_INPUTS, KNOWN_UNSUPPORTED_PARAMETERS, code_name
 
 # Re-exported: callers import these from here, where they lived before the model checks moved.
 from impasto.protocol.rules import RUNWAY_MAX_PROMPT_UNITS as RUNWAY_MAX_PROMPT_UNITS
 from impasto.protocol.rules import RUNWAY_TAG as RUNWAY_TAG
 from impasto.protocol.rules import check_against_rules as check_against_rules
+from impasto.protocol.utility import (
+    ControlNetPreprocessIn,
+    ImageControlNetPreProcessIn,
+    MediaStorageIn,
+)
 
 
 class WireModel(BaseModel):
@@ -78,6 +96,11 @@ ReferenceImageList = Annotated[
 
 class InputsIn(WireModel):
     referenceImages: ReferenceImageList | None = None
+    # compat: the deprecated name runware-sdk still sends for referenceImages.
+    references: ReferenceImageList | None = None
+    seedImage: ImageString | None = None
+    image: ImageString | None = None
+    mask: ImageString | None = None
 
 
 class ContentModerationIn(WireModel):
@@ -144,6 +167,21 @@ class ImageInferenceIn(WireModel):
     CFGScale: float | None = Field(default=None, ge=0, le=50)
     scheduler: Name | None = Field(default=None, min_length=1, max_length=100)
     strength: float | None = Field(default=None, ge=0, le=1)
+    seedImage: ImageString | None = None
+    maskImage: ImageString | None = None
+    # Runware: 32-128 context pixels around the masked area.
+    maskMargin: Annotated[int, Field(ge=32, le=128), INTEGRAL] | None = None
+    outpaint: OutpaintIn | None = None
+    lora: list[LoraIn] | None = Field(default=None, max_length=MAX_LORAS)
+    controlNet: list[ControlNetIn] | None = Field(default=None, max_length=MAX_CONTROLNETS)
+    ipAdapters: list[IpAdapterIn] | None = Field(default=None, max_length=MAX_IP_ADAPTERS)
+    refiner: RefinerIn | None = None
+    vae: ModelAIR | None = None
+    embeddings: list[EmbeddingIn] | None = Field(default=None, max_length=MAX_EMBEDDINGS)
+    clipSkip: Annotated[int, Field(ge=0, le=2), INTEGRAL] | None = None
+    promptWeighting: Literal["compel", "sdEmbeds"] | None = None
+    # compat: the legacy boolean for promptWeighting = "compel".
+    usePromptWeighting: bool | None = None
 
     @field_validator("positivePrompt")
     @classmethod
@@ -156,9 +194,45 @@ class ImageInferenceIn(WireModel):
         """Reference images from top level or `inputs`, whichever the client used."""
         if self.referenceImages:
             return tuple(self.referenceImages)
-        if self.inputs is not None and self.inputs.referenceImages:
-            return tuple(self.inputs.referenceImages)
+        if self.inputs is not None:
+            return tuple(self.inputs.referenceImages or self.inputs.references or ())
         return ()
+
+    def reference_parameter(self) -> str:
+        """The name the client gave its reference images under, for error items."""
+        if self.referenceImages:
+            return "referenceImages"
+        if self.inputs is not None and self.inputs.references and not self.inputs.referenceImages:
+            return "inputs.references"
+        return "inputs.referenceImages"
+
+    def seed_image(self) -> tuple[str, str] | None:
+        """(parameter, image) of the img2img/inpainting source, wherever the client put it."""
+        for parameter, value in self.image_inputs("seedImage", ("seedImage", "image")):
+            return parameter, value
+        return None
+
+    def mask_image(self) -> tuple[str, str] | None:
+        for parameter, value in self.image_inputs("maskImage", ("mask",)):
+            return parameter, value
+        return None
+
+    def image_inputs(self, top: str, nested: tuple[str, ...]) -> list[tuple[str, str]]:
+        found = []
+        value = getattr(self, top)
+        if value is not None:
+            found.append((top, value))
+        if self.inputs is not None:
+            for name in nested:
+                item = getattr(self.inputs, name)
+                if item is not None:
+                    found.append((f"inputs.{name}", item))
+        return found
+
+    def weighting(self) -> str | None:
+        if self.promptWeighting is not None:
+            return self.promptWeighting
+        return "compel" if self.usePromptWeighting else None
 
 
 class ImageUploadIn(WireModel):
@@ -201,16 +275,29 @@ class AuthenticationIn(WireModel):
 
 
 TaskIn = (
-    ImageInferenceIn | ImageUploadIn | GetResponseIn | ModelSearchIn | PingIn | AuthenticationIn
+    ImageInferenceIn
+    | ImageUploadIn
+    | GetResponseIn
+    | ModelSearchIn
+    | PingIn
+    | AuthenticationIn
+    | MediaStorageIn
+    | ImageControlNetPreProcessIn
+    | ControlNetPreprocessIn
 )
 
-TASK_MODELS: dict[str, type[WireModel]] = {
+# BaseModel, not WireModel: the utility tasks' models live in protocol/utility.py, which
+# this module imports, so they cannot derive from WireModel (they share its config).
+TASK_MODELS: dict[str, type[BaseModel]] = {
     "imageInference": ImageInferenceIn,
     "imageUpload": ImageUploadIn,
     "getResponse": GetResponseIn,
     "modelSearch": ModelSearchIn,
     "ping": PingIn,
     "authentication": AuthenticationIn,
+    "mediaStorage": MediaStorageIn,
+    "imageControlNetPreProcess": ImageControlNetPreProcessIn,
+    "controlNetPreprocess": ControlNetPreprocessIn,
 }
 
 # A taskType or taskUUID is echoed in error items only when it could be one: short, and free of

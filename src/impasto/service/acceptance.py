@@ -2,9 +2,10 @@
 before anything is stored. Then the inputs are stored, the task is created, and its
 generations are handed on; from then on the task always ends with results or errors.
 
-Reference images are fetched and decoded once, here, screened (blockContent), and stored as
-input images: the stored request names them by UUID, so a re-run after a restart or a worker
-on another machine reads them from the image store and never fetches a client URL again.
+Input images (references, seed and mask images, guide images) are fetched and decoded once,
+here, screened (blockContent), and stored as input images: the stored request names them by
+UUID, so a re-run after a restart or a worker on another machine reads them from the image
+store and never fetches a client URL again (see task_images.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from impasto.backends.base import ReferenceImage
 from impasto.backends.registry import ModelRegistry, ResolvedModel
 from impasto.backends.schedulers import known_schedulers, scheduler_problem
 from impasto.delivery.outbound import OutboundFailed, OutboundGuard, OutboundRefused
@@ -28,10 +28,19 @@ from impasto.protocol.errors import (
     QueueFull,
 )
 from impasto.protocol.tasks import ImageInferenceIn, check_against_rules
+from impasto.service.assets import check_assets, check_model_kind
 from impasto.service.completion import TaskCompletion
 from impasto.service.images import ImageInput, ImageResolver, storable, store_image
 from impasto.service.jobs import LocalRunner, seeds_for
 from impasto.service.safety import ContentSafety
+from impasto.service.task_images import (
+    TaskImages,
+    check_inputs,
+    resolve_slots,
+    slots_of,
+    task_images,
+    with_stored_images,
+)
 from impasto.state.base import JobQueue, QueuedJob, StateStore
 from impasto.state.records import TaskRecord
 from impasto.storage.base import ImageStore
@@ -88,7 +97,9 @@ class TaskAcceptance:
         problem = self._unavailable.get(resolved.requested.air)
         if problem is not None:
             raise problem
+        check_model_kind(resolved)
         check_against_rules(task, resolved.rules)
+        check_assets(task, self._registry, resolved)
         if task.scheduler is not None:
             if task.scheduler not in self._schedulers:
                 raise InvalidParameter(
@@ -118,34 +129,33 @@ class TaskAcceptance:
             )
         await self._check_capacity(resolved, task.numberResults)
         await self._vet_destinations(task)
-        inputs = await self._fetch_references(task)
-        references = tuple(
-            ReferenceImage(image=i.image, tag=ref.tag, source_url=_https(i.url))
-            for i, ref in zip(inputs, task.reference_images(), strict=True)
-        )
-        await self._safety.screen_input(task, references)
+        slots = slots_of(task)
+        inputs = await resolve_slots(self._resolver, slots)
+        check_inputs(task, slots, inputs, resolved.rules.sizes)
+        images = task_images(task, slots, inputs)
+        await self._safety.screen_input(task, images.references)
         stored = await self._store_inputs(task, inputs)
         seeds = seeds_for(task.seed, task.numberResults)
         extra: dict[str, Any] = {"seeds": seeds}
         if owner is not None:
             extra["owner"] = owner
-        if stored:
+        if images.references:
             extra["references"] = [
-                {"imageUUID": image_uuid, "sourceURL": _https(i.url)}
-                for image_uuid, i in zip(stored, inputs, strict=True)
+                {"imageUUID": image_uuid, "sourceURL": ref.source_url}
+                for image_uuid, ref in zip(stored, images.references, strict=False)
             ]
         record = TaskRecord(
             task_uuid=task.taskUUID,
             task_type=TASK_TYPE,
             model=task.model,
-            request=_with_stored_references(task, stored),
+            request=with_stored_images(task, slots, stored),
             expected=task.numberResults,
             created_at=time.time(),
             extra=extra,
         )
         await self._state.create_task(record)
         try:
-            await self._schedule(task, resolved, references, seeds)
+            await self._schedule(task, resolved, images, seeds)
         except Exception:
             # Accepted but not handed on (e.g. the queue is unreachable): end the task with an
             # error rather than leave it processing forever.
@@ -189,19 +199,8 @@ class TaskAcceptance:
                     parameter=parameter,
                 ) from None
 
-    async def _fetch_references(self, task: ImageInferenceIn) -> list[ImageInput]:
-        given = task.reference_images()
-        base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
-
-        async def one(i: int) -> ImageInput:
-            return await self._resolver.resolve(
-                given[i].image, parameter=f"{base}[{i}]", code="invalidReferenceImages"
-            )
-
-        return list(await asyncio.gather(*(one(i) for i in range(len(given)))))
-
     async def _store_inputs(self, task: ImageInferenceIn, inputs: list[ImageInput]) -> list[str]:
-        """Store each reference image (an image UUID of ours is already stored) and return the
+        """Store each input image (an image UUID of ours is already stored) and return the
         UUIDs the stored request names them by."""
         stored: list[str] = []
         now = time.time()
@@ -226,7 +225,7 @@ class TaskAcceptance:
         self,
         task: ImageInferenceIn,
         resolved: ResolvedModel,
-        references: tuple[ReferenceImage, ...],
+        images: TaskImages,
         seeds: list[int],
     ) -> None:
         """Hand an accepted task's generations to the workers' queue, or run them here."""
@@ -236,22 +235,4 @@ class TaskAcceptance:
                 [QueuedJob(resolved.target.air, task.taskUUID, index) for index in indices]
             )
             return
-        await self._runner.run(task, resolved, references, seeds, list(indices))
-
-
-def _https(url: str | None) -> str | None:
-    # Providers that fetch images themselves are given the client's own https URL.
-    return url if url and url.startswith("https://") else None
-
-
-def _with_stored_references(task: ImageInferenceIn, stored: list[str]) -> dict[str, Any]:
-    """The request as it is kept: reference images named by their stored UUIDs."""
-    request = task.model_dump(mode="json", exclude_unset=True)
-    if not stored:
-        return request
-    holder = request if task.referenceImages else request.get("inputs", {})
-    holder["referenceImages"] = [
-        {**ref, "image": image_uuid}
-        for ref, image_uuid in zip(holder["referenceImages"], stored, strict=True)
-    ]
-    return request
+        await self._runner.run(task, resolved, images, seeds, list(indices))

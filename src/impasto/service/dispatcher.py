@@ -35,10 +35,16 @@ from impasto.protocol.tasks import (
     parse_task,
     task_context,
 )
+from impasto.protocol.utility import (
+    ControlNetPreprocessIn,
+    ImageControlNetPreProcessIn,
+    MediaStorageIn,
+)
 from impasto.service.acceptance import owner_of
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
 from impasto.service.models import ModelSearchService
+from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.uploads import UploadService
 from impasto.state.base import EventBus
@@ -133,11 +139,13 @@ class TaskDispatcher:
         sync_timeout_s: float,
         max_tasks: int = 100,
         metrics: Metrics | None = None,
+        preprocess: PreprocessService | None = None,
     ) -> None:
         self.auth = auth
         self._bus = bus
         self._inference = inference
         self._uploads = uploads
+        self._preprocess = preprocess
         self._responses = responses
         self._models = models
         self._metrics = metrics
@@ -222,6 +230,16 @@ class TaskDispatcher:
             return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
         if isinstance(task, ImageUploadIn):
             return Envelope(data=[await self._uploads.upload(task, owner)])
+        if isinstance(task, MediaStorageIn):
+            return Envelope(data=[await self._uploads.media_storage(task, owner)])
+        if isinstance(task, ImageControlNetPreProcessIn | ControlNetPreprocessIn):
+            if self._preprocess is None:
+                raise InvalidParameter(
+                    f"This server does not run {task.taskType} tasks.",
+                    code="unsupportedTaskType",
+                    parameter="taskType",
+                )
+            return Envelope(data=[await self._preprocess.run(task, owner)])
         if isinstance(task, GetResponseIn):
             return Envelope(data=await self._responses.items(task, owner))
         if isinstance(task, ModelSearchIn):

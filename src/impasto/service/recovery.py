@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from impasto.backends.base import GenerationJob, ReferenceImage
+from impasto.backends.base import GenerationJob
 from impasto.backends.registry import ResolvedModel
 from impasto.protocol.errors import ImpastoError
 from impasto.protocol.tasks import ImageInferenceIn
@@ -15,6 +15,7 @@ from impasto.service.completion import TaskCompletion
 from impasto.service.images import ImageResolver
 from impasto.service.jobs import LocalRunner, seeds_for
 from impasto.service.outcomes import StoredCallback
+from impasto.service.task_images import TaskImages, resolve_slots, slots_of, task_images
 from impasto.state.base import QueuedJob, StateStore
 from impasto.state.records import TaskRecord
 
@@ -80,7 +81,7 @@ class TaskRecovery:
         try:
             task = ImageInferenceIn.model_validate(record.request)
             resolved = self._validate(task)
-            references = await self._references(record, task) if missing else ()
+            images = await self._images(record, task) if missing else TaskImages()
         except ImpastoError as exc:
             await self._completion.fail_missing(
                 record.task_uuid, missing, exc.for_task(TASK_TYPE, record.task_uuid)
@@ -99,27 +100,18 @@ class TaskRecovery:
             if isinstance(record.extra.get(f"job{i}"), dict)
         }
         log.info("running task %s again: %d generation(s)", record.task_uuid, len(missing))
-        await self._runner.run(task, resolved, references, seeds, missing, resume, after)
+        await self._runner.run(task, resolved, images, seeds, missing, resume, after)
 
-    async def _references(
-        self, record: TaskRecord, task: ImageInferenceIn
-    ) -> tuple[ReferenceImage, ...]:
-        """The task's reference images, from the image store (stored at acceptance)."""
-        given = task.reference_images()
-        base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+    async def _images(self, record: TaskRecord, task: ImageInferenceIn) -> TaskImages:
+        """The task's input images, from the image store (stored at acceptance)."""
+        slots = slots_of(task)
+        inputs = await resolve_slots(self._resolver, slots)
         kept = record.extra.get("references") or []
-        references = []
-        for i, ref in enumerate(given):
-            source = kept[i] if i < len(kept) and isinstance(kept[i], dict) else {}
-            resolved = await self._resolver.resolve(
-                ref.image, parameter=f"{base}[{i}]", code="invalidReferenceImages"
-            )
-            references.append(
-                ReferenceImage(
-                    image=resolved.image, tag=ref.tag, source_url=source.get("sourceURL")
-                )
-            )
-        return tuple(references)
+        urls = [
+            kept[i].get("sourceURL") if i < len(kept) and isinstance(kept[i], dict) else None
+            for i in range(len(inputs))
+        ]
+        return task_images(task, slots, inputs, urls)
 
 
 def _placeholder(record: TaskRecord, index: int) -> GenerationJob:

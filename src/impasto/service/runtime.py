@@ -39,6 +39,7 @@ from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
 from impasto.service.models import ModelSearchService
+from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.safety import load_content_safety
 from impasto.service.sessions import SessionRegistry
@@ -179,6 +180,7 @@ class Runtime:
             max_batch_size=settings.max_batch_size,
             outbound=outbound,
             offline=settings.offline,
+            registry=registry,
             provider_keys={"runway": runway_key.get_secret_value()} if runway_key else {},
             provider_urls={"runway": settings.runway_base_url},
             runway=RunwayOptions(
@@ -264,6 +266,14 @@ class Runtime:
             max_side=settings.upload_max_side,
             retention_s=settings.upload_retention_s,
         )
+        preprocess = PreprocessService(
+            state=state,
+            images=images,
+            resolver=resolver,
+            uploads=uploads,
+            image_base_url=settings.image_base_url,
+            output_retention_s=settings.output_retention_s,
+        )
         dispatcher = TaskDispatcher(
             auth=Authenticator(settings.api_keys),
             bus=bus,
@@ -274,6 +284,7 @@ class Runtime:
             sync_timeout_s=settings.sync_timeout_s,
             max_tasks=settings.max_tasks_per_request,
             metrics=metrics,
+            preprocess=preprocess,
         )
         sweeper = Sweeper(
             state,

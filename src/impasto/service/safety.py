@@ -324,7 +324,7 @@ class CheckerSafety:
                 )
         if not references:
             return
-        base = "referenceImages" if task.referenceImages else "inputs.referenceImages"
+        base = task.reference_parameter()
         verdicts = await self._flagged(task, [r.image for r in references], mode)
         for i, labels in enumerate(verdicts):
             if labels:

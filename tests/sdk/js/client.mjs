@@ -11,6 +11,9 @@
 //   upload_reference  imageUpload(ARGS.image), then imageInference() with the uploaded imageUUID
 //                     as the SDK's own top-level referenceImages, and again as
 //                     inputs.referenceImages; result: the upload reply and both image lists
+//   utilities         mediaStorage() upload of ARGS.media, controlNetPreProcess() (canny, the SDK's
+//                     default async delivery: ack, then getResponse polls) of the mediaUUID, and
+//                     mediaStorage() delete of it; result: the three replies
 //   async             imageInference() with deliveryMethod "async" (the ack), getResponse() once,
 //                     then the SDK's pollForAsyncResults() until the images are done
 //   invalid           imageInference() ARGS.task, expecting a rejection; result: the rejection
@@ -52,6 +55,18 @@ async function scenario(rw, name, args) {
       request({ ...args.task, inputs: { referenceImages: [upload.imageUUID] } }),
     );
     return { upload, topLevel, nested };
+  }
+  if (name === "utilities") {
+    const media = await rw.mediaStorage({ media: args.media });
+    const guide = await rw.controlNetPreProcess({
+      inputImage: media.mediaUUID,
+      preProcessorType: "canny",
+      outputType: "base64Data",
+      outputFormat: "PNG",
+      includeCost: true,
+    });
+    const deleted = await rw.mediaStorage({ media: media.mediaUUID, operation: "delete" });
+    return { media, guide, deleted };
   }
   if (name === "async") {
     const ack = await rw.imageInference(request({ ...args.task, deliveryMethod: "async" }));
