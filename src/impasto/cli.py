@@ -236,16 +236,20 @@ def models(
 
     settings = _settings(models=models_file)
     registry = ModelRegistry.load(settings.models)
-    table = Table("AIR", "name", "architecture", "backend", "default size", "alias of")
+    from impasto.protocol.rules import modes_of
+
+    table = Table("AIR", "name", "kind", "architecture", "backend", "modes", "alias of")
     for entry in registry.entries():
         target = registry.alias_of(entry.air)
         width, height = entry.rules.sizes.default
+        runnable = not entry.is_asset and entry.type != "refiner"
         table.add_row(
             entry.air,
             entry.name,
+            entry.category if entry.is_asset else f"{entry.type} {width}x{height}",
             entry.architecture,
             registry.resolve(entry.air).target.backend,
-            f"{width}x{height}",
+            ", ".join(modes_of(entry.rules)) if runnable else "",
             target or "",
         )
     console.print(table)

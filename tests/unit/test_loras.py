@@ -257,7 +257,7 @@ def test_unreadable_file_raises_lora_load_error_and_leaves_the_base_model(
     error = caught.value
     assert isinstance(error, InvalidParameter)
     assert (error.air, error.parameter, error.code) == ("example:broken@1", "lora", "invalidLora")
-    assert "safetensors" in error.reason
+    assert "damaged" in error.reason
     assert str(tmp_path) not in error.message
     assert adapters.active == ()
     assert adapters.resident == (ONE,)
@@ -294,6 +294,22 @@ def test_lora_without_a_matching_layer_raises_lora_load_error(
     with pytest.raises(LoraLoadError, match="none of its layers match"):
         LoraAdapters().activate(pipeline, [("example:flux@1", tmp_path, 1.0)])
     assert not any(pipeline.get_list_adapters().values())
+
+
+def test_hub_lora_missing_from_the_local_cache_raises_lora_load_error_offline(
+    pipeline: Any, tmp_path: Path
+) -> None:
+    adapters = LoraAdapters(local_files_only=True)
+    with pytest.raises(LoraLoadError, match="offline"):
+        adapters.activate(pipeline, [("example:hub@1", "example/no-such-lora", 1.0)])
+    named = LoraRequest("example:hub@1", "example/no-such-lora", 1.0, "lora.safetensors")
+    with pytest.raises(LoraLoadError, match="could not be found"):
+        adapters.activate(pipeline, [named])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LoraLoadError, match=r"no \.safetensors weights file"):
+        adapters.activate(pipeline, [("example:empty@1", empty, 1.0)])
+    assert adapters.loads == 0
 
 
 def test_adapter_names_are_peft_safe_and_distinct() -> None:

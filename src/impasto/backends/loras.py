@@ -216,6 +216,7 @@ class LoraAdapters:
             component for component, names in pipeline.get_list_adapters().items() if name in names
         ]
         if not loaded_into:
+            log.warning("LoRA %s from %s has no layer of this model", request.air, location)
             raise LoraLoadError(request.air, "none of its layers match this model's")
         self._resident[request.air] = _adapter_bytes(pipeline, name)
         self.loads += 1
@@ -245,10 +246,13 @@ def _reason(exc: BaseException, unreadable: Any) -> str:
         return "its layers have other shapes than this model's (a LoRA for another architecture)"
     if "Target modules" in text or "not found in the base model" in text:
         return "its layers are not in this model (a LoRA for another architecture)"
-    if isinstance(exc, unreadable) or "safetensors" in text.lower() or "header" in text.lower():
-        return "its weights file is not a readable safetensors file"
+    if isinstance(exc, unreadable) or "Unable to load weights" in text or "header" in text:
+        return "its weights file is damaged or in a format that cannot be read"
     if isinstance(exc, OSError):
         return "its weights could not be found or read"
+    if "offline mode" in text:
+        # diffusers cannot guess a file name in a repository without asking the Hub.
+        return "this server is offline and no weight_name is set to find it in the local cache"
     return "its weights are not a LoRA this model can use"
 
 

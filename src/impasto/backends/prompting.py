@@ -305,6 +305,12 @@ def _parse_compel(text: str, parameter: str) -> Any:
     return conjunction
 
 
+def check_prompt_syntax(text: str, weighting: str, parameter: str = "positivePrompt") -> None:
+    """Raise PromptSyntaxError if `text` is malformed in `weighting`'s syntax (no model needed:
+    the server checks this before it accepts a task)."""
+    _parse(text, weighting, parameter)
+
+
 def _parse(text: str, weighting: str, parameter: str) -> Any:
     if weighting == "compel":
         return _parse_compel(text, parameter)

@@ -178,6 +178,30 @@ class ModelRules:
         return parameter in PLATFORM_PARAMETERS or parameter in self.parameters
 
 
+# What modelSearch and `impasto models` call each mode, by the parameter that asks for it.
+MODE_NAMES = {
+    "seedImage": "img2img",
+    "maskImage": "inpainting",
+    "outpaint": "outpainting",
+    "lora": "lora",
+    "controlNet": "controlNet",
+    "ipAdapters": "ipAdapters",
+    "refiner": "refiner",
+    "vae": "vae",
+    "embeddings": "embeddings",
+    "clipSkip": "clipSkip",
+    "promptWeighting": "promptWeighting",
+}
+
+
+def modes_of(rules: ModelRules) -> list[str]:
+    """The image modes a model supports, text-to-image first (unless it needs an input)."""
+    modes = [] if rules.required else ["text2img"]
+    if rules.max_reference_images:
+        modes.append("referenceImages")
+    return modes + [name for parameter, name in MODE_NAMES.items() if rules.accepts(parameter)]
+
+
 def code_name(parameter: str) -> str:
     """`width` -> `Width`, for codes such as `invalidWidth`."""
     return parameter[:1].upper() + parameter[1:]

@@ -50,6 +50,25 @@ log = logging.getLogger("impasto.acceptance")
 TASK_TYPE = "imageInference"
 
 
+def check_weighting(task: ImageInferenceIn, weighting: str) -> None:
+    from impasto.backends.prompting import PromptSyntaxError, check_prompt_syntax
+
+    for parameter, text in (
+        ("positivePrompt", task.positivePrompt),
+        ("negativePrompt", task.negativePrompt),
+    ):
+        if not text:
+            continue
+        try:
+            check_prompt_syntax(text, weighting, parameter)
+        except PromptSyntaxError as exc:
+            raise InvalidParameter(
+                f"Invalid value for {parameter} parameter ({weighting} syntax): {exc}",
+                code=f"invalid{parameter[:1].upper()}{parameter[1:]}",
+                parameter=parameter,
+            ) from None
+
+
 def owner_of(api_key: str | None) -> str | None:
     """What a task records of the key that submitted it: a digest, never the key."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
@@ -100,6 +119,9 @@ class TaskAcceptance:
         check_model_kind(resolved)
         check_against_rules(task, resolved.rules)
         check_assets(task, self._registry, resolved)
+        weighting = task.weighting()
+        if weighting is not None:
+            check_weighting(task, weighting)
         if task.scheduler is not None:
             if task.scheduler not in self._schedulers:
                 raise InvalidParameter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from impasto.backends.registry import ModelEntry, ModelRegistry
+from impasto.protocol.rules import modes_of
 from impasto.protocol.tasks import ModelSearchIn
 
 
@@ -23,7 +24,7 @@ def _result(entry: ModelEntry, registry: ModelRegistry) -> dict[str, Any]:
         "heroImage": "",
         "private": False,
         "comment": f"served by {alias}" if alias else "",
-        "type": "base",
+        "type": entry.type,
         "defaultWidth": width,
         "defaultHeight": height,
     }
@@ -33,6 +34,8 @@ def _result(entry: ModelEntry, registry: ModelRegistry) -> dict[str, Any]:
         result["defaultCFG"] = float(settings["guidance_scale"])
     if "scheduler" in entry.rules.parameters:
         result["defaultScheduler"] = "Default"
+    # impasto's own: what the model can do (an asset does nothing on its own).
+    result["modes"] = [] if entry.is_asset or entry.type == "refiner" else modes_of(entry.rules)
     return result
 
 
@@ -51,8 +54,8 @@ class ModelSearchService:
             entries = [e for e in entries if e.category == task.category]
         if task.architecture:
             entries = [e for e in entries if e.architecture == task.architecture]
-        if task.type and task.type != "base":
-            entries = []
+        if task.type:
+            entries = [e for e in entries if e.type == task.type and not e.is_asset]
         if task.visibility == "private":
             entries = []
         page = entries[task.offset : task.offset + task.limit]

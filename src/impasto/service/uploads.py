@@ -47,6 +47,8 @@ TaskWork = Callable[[float], Awaitable[dict[str, Any]]]
 
 @dataclass(frozen=True)
 class StoredUpload:
+    """An image kept as an upload: its UUID and the URL it is served at."""
+
     image_uuid: str
     url: str
 
