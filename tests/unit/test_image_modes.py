@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -212,8 +211,3 @@ def test_a_lora_that_does_not_fit_the_model_is_a_clear_error(
     finally:
         asyncio.run(backend.close())
     assert caught.value.code == "invalidLora"
-
-
-def test_assets_are_built_once_in_the_models_dir(context: BackendContext) -> None:
-    names = {p.name for p in Path(context.models_dir).iterdir()}
-    assert {"impasto-tiny", "impasto-tiny-lora1", "impasto-tiny-controlnet"} <= names
