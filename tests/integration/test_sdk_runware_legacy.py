@@ -259,3 +259,64 @@ def test_a_task_cut_mid_generation_is_resent_then_polled_to_its_image(
     assert images[0].taskUUID == task_uuid
     assert proxy.accepted >= 2
     assert task_status(server, task_uuid) == "success"
+
+
+def test_image_modes_as_the_legacy_sdk_sends_them(server: RunningServer, tmp_path: Path) -> None:
+    """Its own request types: seed and mask images and ControlNet guides uploaded from local
+    files, ILora, IControlNetGeneral (sent with every unset member as null), IOutpaint,
+    IRefiner, IEmbedding, IIpAdapter, clipSkip and promptWeighting."""
+    from runware.types import (
+        IControlNetGeneral,
+        IEmbedding,
+        IIpAdapter,
+        ILora,
+        IOutpaint,
+        IRefiner,
+    )
+
+    seed = tmp_path / "seed.png"
+    seed.write_bytes(image_bytes())
+    mask = tmp_path / "mask.png"
+    from PIL import Image
+
+    canvas = Image.new("L", Image.open(seed).size, 0)  # the mask has the seed image's size
+    canvas.paste(255, (16, 16, 40, 40))
+    canvas.save(mask)
+    requests = [
+        request(seedImage=str(seed), strength=0.5),
+        request(seedImage=str(seed), maskImage=str(mask), maskMargin=32),
+        request(seedImage=str(seed), outpaint=IOutpaint(top=64, left=0), height=128),
+        request(lora=[ILora(model="impasto:tiny-lora@1", weight=0.8)]),
+        request(
+            controlNet=[
+                IControlNetGeneral(
+                    model="impasto:tiny-controlnet@1",
+                    guideImage=str(seed),
+                    weight=0.7,
+                    endStepPercentage=80,
+                    # compat: its JSON encoder cannot send its own EControlMode enum.
+                    controlMode="balanced",  # type: ignore[arg-type]
+                )
+            ]
+        ),
+        request(ipAdapters=[IIpAdapter(model="impasto:tiny-ip-adapter@1", guideImage=str(seed))]),
+        request(embeddings=[IEmbedding(model="impasto:tiny-embedding@1")], clipSkip=1),
+        request(positivePrompt="a (lighthouse:1.3)", promptWeighting="sdEmbeds"),
+        request(
+            model="impasto:tiny-xl@1",
+            refiner=IRefiner(model="impasto:tiny-xl-refiner@1", startStepPercentage=60),
+        ),
+    ]
+
+    async def scenario() -> list[list[IImage]]:
+        client = await connected(server.settings.port)
+        try:
+            return [await client.imageInference(r) for r in requests]
+        finally:
+            await client.disconnect()
+
+    results = asyncio.run(scenario())
+    sizes = [(64, 64)] * len(requests)
+    sizes[2] = (64, 128)
+    for images, size in zip(results, sizes, strict=True):
+        assert_images(items(images), 1, "URL", size)
