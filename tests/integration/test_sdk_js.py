@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,43 @@ def test_a_task_cut_mid_generation_is_completed_by_the_sdks_retry_of_what_is_mis
     wait_finished(server, original)
     assert task_status(server, original) == "success"
     assert task_status(server, retry) == "success"
+
+
+def test_image_modes_through_the_sdk(server: RunningServer, sdk: list[str]) -> None:
+    """The fields sdk-js extracts for the image modes (seedImage, maskImage, strength,
+    maskMargin, outpaint, lora, controlNet, ipAdapters, embeddings, clipSkip, promptWeighting,
+    refiner) reach the server as sent."""
+
+    def upload(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        task = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": uri}
+        return str(server.post([task]).json()["data"][0]["imageUUID"])
+
+    seed = upload(Image.new("RGB", (64, 64), "teal"))
+    mask_image = Image.new("L", (64, 64), 0)
+    mask_image.paste(255, (16, 16, 48, 48))
+    mask = upload(mask_image)
+    tasks: list[dict[str, Any]] = [
+        {"seedImage": seed, "strength": 0.5},
+        {"seedImage": seed, "maskImage": mask, "maskMargin": 32},
+        {"seedImage": seed, "outpaint": {"right": 64}, "width": 128},
+        {"lora": [{"model": "impasto:tiny-lora@1", "weight": 1}]},
+        {
+            "controlNet": [
+                {
+                    "model": "impasto:tiny-controlnet@1",
+                    "guideImage": seed,
+                    "controlMode": "balanced",
+                }
+            ]
+        },
+        {"ipAdapters": [{"model": "impasto:tiny-ip-adapter@1", "guideImage": seed}]},
+        {"embeddings": [{"model": "impasto:tiny-embedding@1"}], "clipSkip": 2},
+        {"positivePrompt": "a (lighthouse)1.4", "promptWeighting": "compel"},
+        {"model": "impasto:tiny-xl@1", "refiner": {"model": "impasto:tiny-xl-refiner@1"}},
+    ]
+    results = run_client(sdk, ws_url(server), "generate", {"tasks": tasks}, 300)
+    for task, images in zip(tasks, results, strict=True):
+        assert_images(images, 1, "URL", (task.get("width", 64), 64))
