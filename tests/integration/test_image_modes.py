@@ -58,6 +58,7 @@ def generate(server: RunningServer, *tasks: dict[str, Any]) -> list[dict[str, An
     reply = server.post([{"outputType": "dataURI", "outputFormat": "PNG", **t} for t in tasks])
     body = reply.json()
     assert reply.status_code == 200, body
+    assert not body.get("errors"), body["errors"]
     by_task = {item["taskUUID"]: item for item in body["data"]}
     return [by_task[t["taskUUID"]] for t in tasks]
 
@@ -277,3 +278,13 @@ def test_every_mode_through_runware_sdk(
     for name, items in zip(tasks, results, strict=True):
         assert len(items) == 1, (name, items)
         assert_same(pixels_of(items[0]), over_rest[name], name)
+
+
+def test_an_output_type_list_gives_each_field(server: RunningServer) -> None:
+    task = tiny_task(outputType=["URL", "base64Data", "dataURI"], outputFormat="PNG")
+    reply = server.post([task])
+    [item] = reply.json()["data"]
+    assert item["imageURL"].startswith("http://")
+    assert base64.b64decode(item["imageBase64Data"]) == base64.b64decode(
+        item["imageDataURI"].split(",", 1)[1]
+    )

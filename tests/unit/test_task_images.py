@@ -46,7 +46,8 @@ def test_every_image_slot_is_found_and_renamed_by_uuid_at_its_path() -> None:
     assert [s.value for s in slots_of(again)] == stored
     assert [s.parameter for s in slots_of(again)] == [s.parameter for s in slots]
     # The client's own request is not changed.
-    assert original.controlNet is not None and original.controlNet[0].guideImage == URL
+    assert original.controlNet is not None
+    assert original.controlNet[0].guideImage == URL
 
 
 def test_a_task_without_images_is_kept_as_sent() -> None:

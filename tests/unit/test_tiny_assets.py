@@ -221,3 +221,20 @@ def test_embedding_token_loads_and_changes_the_text_embedding(
     after = pipeline.encode_prompt(prompt, "cpu", 1, False)[0]
     assert not torch.equal(before, after)
     render(pipeline, prompt)  # and the pipeline generates with the new token
+
+
+def test_builds_hold_the_process_wide_load_lock(tmp_path: Path) -> None:
+    """diffusers builds models under accelerate's init_empty_weights, which patches torch for
+    the whole process: a tiny build must never run while another thread loads (meta tensors)."""
+    from impasto.backends.devices import LOAD_LOCK
+    from impasto.backends.tiny import build_atomically
+
+    held: list[bool] = []
+
+    def build(directory: Path) -> None:
+        held.append(LOAD_LOCK._is_owned())  # type: ignore[attr-defined]
+        (directory / "x").write_text("built")
+
+    build_atomically(tmp_path / "asset", build, {"version": 1})
+    assert held == [True]
+    assert not LOAD_LOCK._is_owned()  # type: ignore[attr-defined]

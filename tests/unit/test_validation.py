@@ -538,8 +538,8 @@ REJECTED: list[Rejected] = [
         "outputType",
     ),
     Rejected(
-        "outputType-two-element-list",
-        mutated(RUNWAY, outputType=["URL", "dataURI"]),
+        "outputType-list-with-a-type-twice",
+        mutated(RUNWAY, outputType=["URL", "URL"]),
         "invalidOutputType",
         "outputType",
     ),
@@ -1216,6 +1216,7 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("numberResults-1", mutated(RUNWAY, numberResults=1)),
     ("numberResults-20", mutated(RUNWAY, numberResults=20)),
     ("outputType-URL", mutated(RUNWAY, outputType="URL")),
+    ("outputType-two-types", mutated(RUNWAY, outputType=["URL", "base64Data"])),
     ("outputType-base64Data", mutated(RUNWAY, outputType="base64Data")),
     ("outputType-dataURI", mutated(RUNWAY, outputType="dataURI")),
     ("outputType-one-element-list", mutated(RUNWAY, outputType=["URL"])),

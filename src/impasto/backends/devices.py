@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+# Held while weights are loaded or modules built (from_pretrained, LoRA, textual inversion,
+# IP-Adapter, the tiny builds). diffusers and accelerate build models under
+# `init_empty_weights`, which patches torch.nn.Module for the whole process: a module built
+# in another thread meanwhile gets meta tensors ("Cannot copy out of meta tensor"). Loading is
+# rare and disk-bound; inference does not take this lock.
+LOAD_LOCK = threading.RLock()
 
 T = TypeVar("T")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from impasto.backends.devices import LOAD_LOCK
 from impasto.backends.loras import LoraAdapters
 from impasto.backends.registry import ModelEntry
 from impasto.protocol.errors import ImpastoError, InvalidParameter
@@ -94,6 +95,10 @@ class ReplicaLoader:
         return options
 
     def load(self, device: str) -> Replica:
+        with LOAD_LOCK:
+            return self._load(device)
+
+    def _load(self, device: str) -> Replica:
         import diffusers
         import torch
 
@@ -202,6 +207,10 @@ class ReplicaLoader:
         )
 
     def controlnet(self, replica: Replica, air: str, device: str, parameter: str) -> Any:
+        with LOAD_LOCK:
+            return self._controlnet(replica, air, device, parameter)
+
+    def _controlnet(self, replica: Replica, air: str, device: str, parameter: str) -> Any:
         if air not in replica.controlnets:
             from diffusers import ControlNetModel
 
@@ -217,6 +226,10 @@ class ReplicaLoader:
         return replica.controlnets[air]
 
     def vae(self, replica: Replica, air: str, device: str) -> Any:
+        with LOAD_LOCK:
+            return self._vae(replica, air, device)
+
+    def _vae(self, replica: Replica, air: str, device: str) -> Any:
         if air not in replica.vaes:
             from diffusers import AutoencoderKL
 
@@ -235,6 +248,10 @@ class ReplicaLoader:
         return replica.vaes[air]
 
     def refiner(self, replica: Replica, air: str, device: str) -> Any:
+        with LOAD_LOCK:
+            return self._refiner(replica, air, device)
+
+    def _refiner(self, replica: Replica, air: str, device: str) -> Any:
         if air not in replica.refiners:
             from diffusers import StableDiffusionXLImg2ImgPipeline
 
@@ -258,6 +275,10 @@ class ReplicaLoader:
 
     def embedding(self, replica: Replica, air: str, parameter: str) -> tuple[str, list[int]]:
         """Load a textual inversion once; returns its token and token ids."""
+        with LOAD_LOCK:
+            return self._embedding(replica, air, parameter)
+
+    def _embedding(self, replica: Replica, air: str, parameter: str) -> tuple[str, list[int]]:
         if air not in replica.embeddings:
             entry, source = self.locate(air, parameter, "invalidEmbeddings")
             token = str(entry.settings.get("token") or f"<{air}>")
@@ -281,6 +302,10 @@ class ReplicaLoader:
 
     def ip_adapters(self, replica: Replica, airs: tuple[str, ...], parameter: str) -> None:
         """Make the pipeline hold exactly the per-request IP-Adapters `airs`."""
+        with LOAD_LOCK:
+            self._ip_adapters(replica, airs, parameter)
+
+    def _ip_adapters(self, replica: Replica, airs: tuple[str, ...], parameter: str) -> None:
         pipeline = replica.pipeline
         if replica.ip_adapters == airs:
             return

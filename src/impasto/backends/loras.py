@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from impasto.backends.devices import LOAD_LOCK
 from impasto.protocol.errors import InvalidParameter
 
 log = logging.getLogger("impasto.backends.loras")
@@ -192,6 +193,10 @@ class LoraAdapters:
             log.info("deleted LoRA %s to make room (at most %d)", victim, self.max_resident)
 
     def _load(self, pipeline: Any, request: LoraRequest) -> None:
+        with LOAD_LOCK:
+            self._load_unlocked(pipeline, request)
+
+    def _load_unlocked(self, pipeline: Any, request: LoraRequest) -> None:
         import torch
         from safetensors import SafetensorError
 

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from impasto.backends.devices import LOAD_LOCK
+
 # Bump when the architecture changes, so old copies in data dirs are rebuilt.
 TINY_VERSION = 1
 _MARKER = "impasto-tiny.json"
@@ -153,7 +155,8 @@ def build_atomically(
     # Build beside the target and rename, so a crash never leaves a half-written model.
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=directory.parent))
     try:
-        build(staging)
+        with LOAD_LOCK:
+            build(staging)
         (staging / _MARKER).write_text(json.dumps(dict(marker)))
         # Another process may have finished the same build meanwhile: its copy is as good.
         if is_built(directory, marker):

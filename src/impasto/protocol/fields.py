@@ -15,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     GetJsonSchemaHandler,
+    PlainValidator,
     WithJsonSchema,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -147,3 +148,40 @@ ImageString = Annotated[
     ),
 ]
 OutputType = Literal["URL", "base64Data", "dataURI"]
+
+
+def _output_types(value: Any) -> str | tuple[str, ...]:
+    value = single_output_type(value)
+    if isinstance(value, str) and value in OUTPUT_TYPES:
+        return value
+    if (
+        isinstance(value, list)
+        and 2 <= len(value) <= len(OUTPUT_TYPES)
+        and all(isinstance(v, str) and v in OUTPUT_TYPES for v in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    raise ValueError("must be one of URL, base64Data, dataURI, or a list of them, each once")
+
+
+# compat: runware 0.5.24 types outputType as one type or a list of them; a list asks for each
+# (["URL", "base64Data"] gives imageURL and imageBase64Data in one item).
+OutputTypes = Annotated[
+    str | tuple[str, ...],
+    PlainValidator(_output_types),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(OUTPUT_TYPES)},
+                {
+                    "type": "array",
+                    "items": {"enum": list(OUTPUT_TYPES)},
+                    "minItems": 1,
+                    "maxItems": len(OUTPUT_TYPES),
+                    "uniqueItems": True,
+                },
+            ],
+            "default": "URL",
+        }
+    ),
+]

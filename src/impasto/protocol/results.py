@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -11,7 +12,7 @@ def image_item(
     task_type: str,
     task_uuid: str,
     image_uuid: str,
-    output_type: str,
+    output_type: str | Sequence[str],
     data: bytes,
     content_type: str,
     url: str,
@@ -19,19 +20,21 @@ def image_item(
     cost: float | None = None,
     nsfw: bool | None = None,
 ) -> dict[str, Any]:
-    """One image result: the output field named by `outputType`, plus seed, cost, NSFW flag."""
+    """One image result: the output field(s) named by `outputType`, plus seed, cost, NSFW
+    flag."""
     item: dict[str, Any] = {
         "taskType": task_type,
         "taskUUID": task_uuid,
         "imageUUID": image_uuid,
     }
-    if output_type == "base64Data":
-        item["imageBase64Data"] = base64.b64encode(data).decode("ascii")
-    elif output_type == "dataURI":
-        encoded = base64.b64encode(data).decode("ascii")
-        item["imageDataURI"] = f"data:{content_type};base64,{encoded}"
-    else:
-        item["imageURL"] = url
+    for kind in (output_type,) if isinstance(output_type, str) else output_type:
+        if kind == "base64Data":
+            item["imageBase64Data"] = base64.b64encode(data).decode("ascii")
+        elif kind == "dataURI":
+            encoded = base64.b64encode(data).decode("ascii")
+            item["imageDataURI"] = f"data:{content_type};base64,{encoded}"
+        else:
+            item["imageURL"] = url
     if seed is not None:
         item["seed"] = seed
     if nsfw is not None:

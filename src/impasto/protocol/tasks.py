@@ -43,10 +43,9 @@ from impasto.protocol.fields import (
     ImageString,
     JsonPattern,
     Name,
-    OutputType,
+    OutputTypes,
     output_format,
     reference_item,
-    single_output_type,
 )
 from impasto.protocol.modes import (
     MAX_CONTROLNETS,
@@ -137,14 +136,7 @@ class ImageInferenceIn(WireModel):
     width: Annotated[int, Field(ge=1, le=16384), INTEGRAL] | None = None
     height: Annotated[int, Field(ge=1, le=16384), INTEGRAL] | None = None
     numberResults: Annotated[int, Field(ge=1, le=20), INTEGRAL] = 1
-    outputType: Annotated[
-        OutputType,
-        BeforeValidator(
-            single_output_type,
-            json_schema_input_type=OutputType
-            | Annotated[list[OutputType], Field(min_length=1, max_length=1)],
-        ),
-    ] = "URL"
+    outputType: OutputTypes = "URL"
     outputFormat: Annotated[
         Literal["JPG", "PNG", "WEBP"],
         BeforeValidator(output_format),
@@ -228,6 +220,11 @@ class ImageInferenceIn(WireModel):
                 if item is not None:
                     found.append((f"inputs.{name}", item))
         return found
+
+    def output_types(self) -> tuple[str, ...]:
+        if isinstance(self.outputType, str):
+            return (self.outputType,)
+        return tuple(self.outputType)
 
     def weighting(self) -> str | None:
         if self.promptWeighting is not None:

@@ -203,7 +203,7 @@ class OutcomeRecorder:
                 task_type=TASK_TYPE,
                 task_uuid=task.taskUUID,
                 image_uuid=image_uuid,
-                output_type=task.outputType,
+                output_type=task.output_types(),
                 data=encoded.data,
                 content_type=encoded.content_type,
                 url=self._images.direct_url(key, expires_at) or self.image_url(key),
