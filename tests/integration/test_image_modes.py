@@ -114,6 +114,23 @@ def mode_tasks() -> dict[str, dict[str, Any]]:
                 }
             ],
         ),
+        "controlnet-raw": tiny_task(
+            seed=3, controlNet=[{"model": "impasto:tiny-controlnet@1", "guideImage": guide}]
+        ),
+        # compat: runware 0.5.24's IControlNetCanny: the photo is turned into edges first.
+        "controlnet-canny": tiny_task(
+            seed=3,
+            controlNet=[
+                {"model": "impasto:tiny-controlnet@1", "guideImage": guide, "preprocessor": "canny"}
+            ],
+        ),
+        "controlnets-two": tiny_task(
+            seed=3,
+            controlNet=[
+                {"model": "impasto:tiny-controlnet@1", "guideImage": guide, "weight": 0.5},
+                {"model": "impasto:tiny-controlnet@1", "guideImage": png_uri(SEED), "weight": 0.5},
+            ],
+        ),
         "ipadapter": tiny_task(
             seed=3,
             ipAdapters=[{"model": "impasto:tiny-ip-adapter@1", "guideImage": guide, "weight": 0.8}],
@@ -168,6 +185,8 @@ def test_each_mode_runs_over_rest(over_rest: dict[str, np.ndarray]) -> None:
     assert not np.array_equal(out["lora1"], plain)
     assert not np.array_equal(out["loras"], out["lora1"])
     assert np.abs(out["controlnet0"] - plain).max() <= 1
+    assert not np.array_equal(out["controlnet-canny"], out["controlnet-raw"])
+    assert not np.array_equal(out["controlnets-two"], out["controlnet-raw"])
     for name in ("controlnet", "ipadapter", "vae", "embedding", "clipskip", "compel"):
         assert not np.array_equal(out[name], plain), name
     assert np.array_equal(out["compel"], out["sdembeds"])
