@@ -218,8 +218,8 @@ def test_reference_images_are_image_prompts_on_a_model_with_an_ip_adapter(
     backend = server.runtime().scheduler.backend_of("impasto:tiny-ip@1")
     replica = next(iter(backend._replicas.values()))
     assert replica.pipeline.image_encoder is not None
-    # The image prompt path, not img2img.
-    assert replica.img2img is None
+    # The image prompt path, not img2img (no variant pipeline was made).
+    assert replica.variants == {}
 
 
 def test_a_task_that_cannot_be_scheduled_ends_with_an_error_instead_of_hanging(
