@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from impasto.backends.base import (
+    AdapterUse,
     ControlUse,
     GeneratedImage,
     GenerationJob,
@@ -176,6 +177,43 @@ def test_refiner_finishes_an_sdxl_image(context: BackendContext) -> None:
         asyncio.run(backend.close())
     assert refined.shape == plain.shape
     assert not np.array_equal(refined, plain)
+
+
+def test_refiner_after_img2img_and_inpainting(context: BackendContext) -> None:
+    backend = create_backend(REGISTRY.resolve("impasto:tiny-xl@1").target, context)
+    refiner = RefinerUse("impasto:tiny-xl-refiner@1", start_percent=50)
+    try:
+        img2img = one(backend, model="impasto:tiny-xl@1", seed_image=SEED_IMAGE, refiner=refiner)
+        inpainted = one(
+            backend,
+            model="impasto:tiny-xl@1",
+            seed_image=SEED_IMAGE,
+            mask_image=MASK,
+            refiner=refiner,
+            width=80,
+            height=96,
+        )
+    finally:
+        asyncio.run(backend.close())
+    assert img2img.shape == (64, 64, 3)
+    keep = np.asarray(MASK) == 0
+    assert np.array_equal(inpainted[keep], np.asarray(SEED_IMAGE, dtype=np.int16)[keep])
+
+
+def test_several_ip_adapters_and_images_at_once(tiny: DiffusersBackend) -> None:
+    adapter = "impasto:tiny-ip-adapter@1"
+    other = _image(64, 64, 4)
+    plain = one(tiny)
+    one_image = one(tiny, ip_adapters=(AdapterUse(adapter, (SEED_IMAGE,), 0.8),))
+    two_images = one(tiny, ip_adapters=(AdapterUse(adapter, (SEED_IMAGE, other), 0.8),))
+    two_adapters = one(
+        tiny,
+        ip_adapters=(AdapterUse(adapter, (SEED_IMAGE,), 0.5), AdapterUse(adapter, (other,), 0.5)),
+    )
+    assert not np.array_equal(one_image, two_images)
+    assert not np.array_equal(one_image, two_adapters)
+    # Unloaded again when a call wants none: the plain model's pixels.
+    assert np.array_equal(one(tiny), plain)
 
 
 def test_jobs_of_other_modes_or_lora_sets_never_share_a_call(tiny: DiffusersBackend) -> None:
