@@ -361,6 +361,25 @@ def test_block_content_names_the_flagged_reference_image() -> None:
     assert [len(call) for call in checker.calls] == [2]
 
 
+def test_block_content_screens_the_seed_and_guide_images_too() -> None:
+    checker = FakeChecker(score_of=lambda image: 0.9 if image.size == (70, 70) else 0.0)
+    safety = safety_with(checker)
+    asked = task(safety={"blockContent": True})
+    others = [
+        ("seedImage", Image.new("RGB", (60, 60))),
+        ("controlNet[0].guideImage", Image.new("RGB", (70, 70))),
+    ]
+
+    with pytest.raises(ContentBlocked) as caught:
+        asyncio.run(
+            safety.screen_input(asked, [ReferenceImage(Image.new("RGB", (60, 60)))], others)
+        )
+
+    assert caught.value.parameter == "controlNet[0].guideImage"
+    # One call for all of them.
+    assert [len(call) for call in checker.calls] == [3]
+
+
 def test_a_failing_checker_fails_the_check_closed() -> None:
     class Broken(FakeChecker):
         def scores(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:

@@ -54,3 +54,21 @@ def test_a_task_without_images_is_kept_as_sent() -> None:
     plain = task(lora=[{"model": "impasto:tiny-lora@1", "weight": 0.5}])
     assert slots_of(plain) == []
     assert with_stored_images(plain, [], []) == plain.model_dump(mode="json", exclude_unset=True)
+
+
+def test_block_content_screens_every_input_but_the_mask_and_the_references() -> None:
+    from PIL import Image
+
+    from impasto.service.acceptance import screened_inputs
+    from impasto.service.task_images import TaskImages
+
+    asked = task(
+        seedImage=URL,
+        maskImage=URL,
+        referenceImages=[URL],
+        controlNet=[{"model": "impasto:tiny-controlnet@1", "guideImage": URL}],
+    )
+    slots = slots_of(asked)
+    images = TaskImages(by_parameter={s.parameter: Image.new("RGB", (8, 8)) for s in slots})
+    names = [name for name, _ in screened_inputs(asked, slots, images)]
+    assert names == ["seedImage", "controlNet[0].guideImage"]

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from PIL import Image
+
 from impasto.backends.registry import ModelRegistry, ResolvedModel
 from impasto.backends.schedulers import known_schedulers, scheduler_problem
 from impasto.delivery.outbound import OutboundFailed, OutboundGuard, OutboundRefused
@@ -34,6 +36,7 @@ from impasto.service.images import ImageInput, ImageResolver, storable, store_im
 from impasto.service.jobs import LocalRunner, seeds_for
 from impasto.service.safety import ContentSafety
 from impasto.service.task_images import (
+    Slot,
     TaskImages,
     check_inputs,
     resolve_slots,
@@ -48,6 +51,19 @@ from impasto.storage.base import ImageStore
 log = logging.getLogger("impasto.acceptance")
 
 TASK_TYPE = "imageInference"
+
+
+def screened_inputs(
+    task: ImageInferenceIn, slots: list[Slot], images: TaskImages
+) -> list[tuple[str, Image.Image]]:
+    """The input images blockContent screens besides the references: the seed image and the
+    guide images (a mask is only black and white)."""
+    skip = {
+        slot.parameter
+        for slot in slots
+        if slot.code in ("invalidReferenceImages", "invalidMaskImage")
+    }
+    return [(p, image) for p, image in images.by_parameter.items() if p not in skip]
 
 
 def check_weighting(task: ImageInferenceIn, weighting: str) -> None:
@@ -155,7 +171,9 @@ class TaskAcceptance:
         inputs = await resolve_slots(self._resolver, slots)
         check_inputs(task, slots, inputs, resolved.rules.sizes)
         images = task_images(task, slots, inputs)
-        await self._safety.screen_input(task, images.references)
+        await self._safety.screen_input(
+            task, images.references, screened_inputs(task, slots, images)
+        )
         stored = await self._store_inputs(task, inputs)
         seeds = seeds_for(task.seed, task.numberResults)
         extra: dict[str, Any] = {"seeds": seeds}

@@ -114,9 +114,13 @@ class ContentSafety(Protocol):
         """Raise an error item if the task asks for checks this server cannot do."""
 
     async def screen_input(
-        self, task: ImageInferenceIn, references: Sequence[ReferenceImage]
+        self,
+        task: ImageInferenceIn,
+        references: Sequence[ReferenceImage],
+        others: Sequence[tuple[str, Image.Image]] = (),
     ) -> None:
-        """For blockContent: raise ContentBlocked if the prompt or an input image is flagged."""
+        """For blockContent: raise ContentBlocked if the prompt or an input image is flagged
+        (the references, and `others`: the seed, guide and IP-Adapter images by parameter)."""
 
     async def check_outputs(
         self, task: ImageInferenceIn, images: Sequence[Image.Image]
@@ -140,7 +144,10 @@ class UnavailableSafety:
             )
 
     async def screen_input(
-        self, task: ImageInferenceIn, references: Sequence[ReferenceImage]
+        self,
+        task: ImageInferenceIn,
+        references: Sequence[ReferenceImage],
+        others: Sequence[tuple[str, Image.Image]] = (),
     ) -> None:
         self.validate(task)
 
@@ -308,7 +315,10 @@ class CheckerSafety:
         requested_mode(task, self.policy.default_mode)
 
     async def screen_input(
-        self, task: ImageInferenceIn, references: Sequence[ReferenceImage]
+        self,
+        task: ImageInferenceIn,
+        references: Sequence[ReferenceImage],
+        others: Sequence[tuple[str, Image.Image]] = (),
     ) -> None:
         if not wants_input_check(task):
             return
@@ -322,17 +332,18 @@ class CheckerSafety:
                     "the task was not run and is not charged.",
                     parameter="positivePrompt",
                 )
-        if not references:
-            return
         base = task.reference_parameter()
-        verdicts = await self._flagged(task, [r.image for r in references], mode)
-        for i, labels in enumerate(verdicts):
+        named = [(f"{base}[{i}]", r.image) for i, r in enumerate(references)] + list(others)
+        if not named:
+            return
+        verdicts = await self._flagged(task, [image for _, image in named], mode)
+        for (parameter, _), labels in zip(named, verdicts, strict=True):
             if labels:
-                log.info("task %s: %s[%d] blocked (%s)", task.taskUUID, base, i, ", ".join(labels))
+                log.info("task %s: %s blocked (%s)", task.taskUUID, parameter, ", ".join(labels))
                 raise ContentBlocked(
-                    f"{base}[{i}] was flagged by the content check (safety.blockContent); "
+                    f"{parameter} was flagged by the content check (safety.blockContent); "
                     "the task was not run and is not charged.",
-                    parameter=f"{base}[{i}]",
+                    parameter=parameter,
                 )
 
     async def check_outputs(
