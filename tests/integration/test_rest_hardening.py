@@ -6,6 +6,8 @@ reported done, and /healthz tells the truth."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import socket
@@ -17,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import (
     LoopbackHTTP,
@@ -293,10 +297,17 @@ def test_drawn_seeds_are_exact_in_javascript_and_the_largest_client_seed_is_echo
 # --- inputs fetched once ---------------------------------------------------------------------
 
 
-def test_a_reference_url_is_fetched_once_even_across_a_restart(
+def test_input_urls_are_fetched_once_even_across_a_restart(
     tmp_path: Path, tiny_models_dir: Path, loopback_http: LoopbackHTTP
 ) -> None:
     loopback_http.routes["/ref.png"] = (200, "image/png", image_bytes((64, 64)))
+    seed = Image.effect_noise((64, 64), 64).convert("RGB")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for path, image in (("/seed.png", seed), ("/mask.png", mask)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        loopback_http.routes[path] = (200, "image/png", buffer.getvalue())
     gate = Gate()
 
     def gated() -> RunningServer:
@@ -305,8 +316,19 @@ def test_a_reference_url_is_fetched_once_even_across_a_restart(
             make_settings(tmp_path / "data", tiny_models_dir, models=models, **FAST)
         )
 
+    # Every input image of the image modes is kept the same way: inpainting with a
+    # ControlNet here, its seed image, mask and guide image all given by URL.
     task = tiny_task(
-        deliveryMethod="async", steps=1, referenceImages=[loopback_http.url("/ref.png")]
+        deliveryMethod="async",
+        steps=1,
+        referenceImages=[loopback_http.url("/ref.png")],
+        seedImage=loopback_http.url("/seed.png"),
+        maskImage=loopback_http.url("/mask.png"),
+        controlNet=[
+            {"model": "impasto:tiny-controlnet@1", "guideImage": loopback_http.url("/ref.png")}
+        ],
+        outputType="dataURI",
+        outputFormat="PNG",
     )
     first = gated()
     stopping = threading.Thread(target=first.stop)
@@ -317,9 +339,16 @@ def test_a_reference_url_is_fetched_once_even_across_a_restart(
             runtime = first.runtime()
             record = first.call(runtime.state.get_task(task["taskUUID"]))
             [reference] = record.request["referenceImages"]
-            stored = first.call(runtime.state.get_image(reference["image"]))
-            assert stored is not None, reference
-            assert stored.kind == "input"
+            kept = [
+                reference["image"],
+                record.request["seedImage"],
+                record.request["maskImage"],
+                record.request["controlNet"][0]["guideImage"],
+            ]
+            for image_uuid in kept:
+                stored = first.call(runtime.state.get_image(image_uuid))
+                assert stored is not None, image_uuid
+                assert stored.kind == "input"
             # Stop while the generation is held, and let it go only once the state store is
             # closed: the task is left unfinished for the next process to re-run.
             stopping.start()
@@ -337,8 +366,14 @@ def test_a_reference_url_is_fetched_once_even_across_a_restart(
     finally:
         second.stop()
     assert gate.entered == 2, "the second server did not re-run the generation"
-    fetches = [r for r in loopback_http.requests if r.path == "/ref.png"]
-    assert len(fetches) == 1, fetches
+    for path in ("/ref.png", "/seed.png", "/mask.png"):
+        fetches = [r for r in loopback_http.requests if r.path == path]
+        assert len(fetches) == 1, (path, fetches)
+    # The re-run inpainted the seed image it had kept: the unmasked pixels are the seed's.
+    data = base64.b64decode(item["imageDataURI"].split(",", 1)[1])
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(out[keep], np.asarray(seed)[keep])
 
 
 # --- uploads in retry ------------------------------------------------------------------------

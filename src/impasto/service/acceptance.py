@@ -241,12 +241,17 @@ class TaskAcceptance:
 
     async def _store_inputs(self, task: ImageInferenceIn, inputs: list[ImageInput]) -> list[str]:
         """Store each input image (an image UUID of ours is already stored) and return the
-        UUIDs the stored request names them by."""
+        UUIDs the stored request names them by; an image named in several places is stored
+        once."""
         stored: list[str] = []
+        by_input: dict[int, str] = {}
         now = time.time()
         for fetched in inputs:
             if fetched.stored_uuid is not None:
                 stored.append(fetched.stored_uuid)
+                continue
+            if id(fetched) in by_input:
+                stored.append(by_input[id(fetched)])
                 continue
             image = await asyncio.to_thread(storable, fetched.image, fetched.data, fetched.format)
             image_uuid, _ = await store_image(
@@ -258,6 +263,7 @@ class TaskAcceptance:
                 now=now,
                 retention_s=self._input_retention_s,
             )
+            by_input[id(fetched)] = image_uuid
             stored.append(image_uuid)
         return stored
 

@@ -72,10 +72,24 @@ def slots_of(task: ImageInferenceIn) -> list[Slot]:
 
 
 async def resolve_slots(resolver: ImageResolver, slots: list[Slot]) -> list[ImageInput]:
+    """Each distinct image string is fetched and decoded once, however many slots name it (a
+    photo that is both the seed and the ControlNet guide); errors name its first slot."""
+    first: dict[str, Slot] = {}
+    for slot in slots:
+        first.setdefault(slot.value, slot)
+
     async def one(slot: Slot) -> ImageInput:
         return await resolver.resolve(slot.value, parameter=slot.parameter, code=slot.code)
 
-    return list(await asyncio.gather(*(one(slot) for slot in slots)))
+    unique = list(first.values())
+    resolved = dict(
+        zip(
+            (slot.value for slot in unique),
+            await asyncio.gather(*(one(slot) for slot in unique)),
+            strict=True,
+        )
+    )
+    return [resolved[slot.value] for slot in slots]
 
 
 def check_inputs(
