@@ -19,7 +19,6 @@ import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -27,6 +26,7 @@ from PIL import Image
 from impasto.backends import canvas
 from impasto.backends.base import GenerationJob, ProgressCallback
 from impasto.backends.diffusers_loading import Replica, ReplicaLoader
+from impasto.backends.inpaint_canvas import InpaintCanvas, plan_canvas
 from impasto.backends.loras import LoraRequest
 from impasto.backends.prompting import PromptSyntaxError, UnsupportedPromptOption, prompt_arguments
 from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
@@ -82,24 +82,6 @@ def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     left = (image.width - width) // 2
     top = (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
-
-
-@dataclass
-class _Canvas:
-    """What the pipeline works on for an inpainting call, and how to put the result back."""
-
-    image: Image.Image  # full-size source (the fitted seed image, or the outpaint canvas)
-    mask: Image.Image  # full-size mask, "L"
-    box: canvas.Box | None = None  # the maskMargin crop, if any
-    work_image: Image.Image | None = None
-    work_mask: Image.Image | None = None
-
-    def finish(self, generated: Image.Image) -> Image.Image:
-        if self.box is not None:
-            return canvas.paste_back(self.image, generated, self.mask, self.box)
-        if generated.size != self.image.size:
-            generated = generated.resize(self.image.size, Image.Resampling.LANCZOS)
-        return canvas.blend_back(generated, self.image, self.mask)
 
 
 class CallBuilder:
@@ -180,7 +162,7 @@ class CallBuilder:
             "output_type": "pil",
         }
         work = (width, height)
-        canvases: list[_Canvas] = []
+        canvases: list[InpaintCanvas] = []
         if mode == INPAINT:
             # The canvas has the job's own size; the pipeline works on the latent grid and the
             # result is scaled back onto the canvas before blending.
@@ -323,34 +305,17 @@ class CallBuilder:
             replica.variants[key] = variant
         return replica.variants[key]
 
-    def _canvas(self, job: GenerationJob, width: int, height: int, multiple: int) -> _Canvas:
-        seed = _source(job)
-        if job.outpaint is not None:
-            o = job.outpaint
-            inner = canvas.fit_image(seed, width - o.left - o.right, height - o.top - o.bottom)
-            image, mask = canvas.outpaint_canvas(inner, o.top, o.right, o.bottom, o.left, o.blur)
-            return _Canvas(image=image, mask=mask)
-        image = canvas.fit_image(seed, width, height)
-        if job.mask_image is None:
-            # An inpainting checkpoint without a mask (refused at validation): repaint all.
-            return _Canvas(image=image, mask=Image.new("L", image.size, 255))
-        mask = canvas.fit_mask(canvas.mask_to_l(job.mask_image), width, height)
-        result = _Canvas(image=image, mask=mask)
-        if job.mask_margin is not None:
-            box = canvas.masked_region(mask, job.mask_margin)
-            if box is not None:
-                result.box = box
-                result.work_image, result.work_mask = canvas.crop_for_inpaint(
-                    image, mask, box, width, height, multiple
-                )
-        return result
+    def _canvas(self, job: GenerationJob, width: int, height: int, multiple: int) -> InpaintCanvas:
+        return plan_canvas(
+            _source(job), job.mask_image, job.outpaint, job.mask_margin, width, height, multiple
+        )
 
     def _control_arguments(
         self,
         kwargs: dict[str, Any],
         mode: str,
         controls: list[tuple[Any, Any]],
-        canvases: list[_Canvas],
+        canvases: list[InpaintCanvas],
         work: tuple[int, int],
         steps: int,
     ) -> None:
