@@ -13,20 +13,19 @@ from PIL import Image, ImageDraw
 from impasto.protocol.errors import ImpastoError
 from impasto.protocol.tasks import parse_task
 from impasto.protocol.utility import PREPROCESSOR_AIRS, PREPROCESSORS, PreprocessIn
-from impasto.service.preprocess import (
+from impasto.service.guides import (
     ALIASES,
     SUPPORTED,
-    PreprocessJob,
     PreprocessOptions,
     canny,
     guide_size,
     lineart_standard,
-    preprocess_job,
     run_preprocessor,
     scribble_xdog,
     shuffle,
     tile_gaussian,
 )
+from impasto.service.preprocess import PreprocessJob, preprocess_job
 
 # A white square, 32..95 x 24..71, on black.
 SQUARE = (32, 24, 95, 71)

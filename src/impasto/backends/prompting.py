@@ -2,15 +2,10 @@
 
 Without weighting the prompts go to the pipeline as text and `clipSkip` as diffusers' own
 `clip_skip` (for SD 1.x/2.x it is computed here: diffusers 0.42 looks for the final layer norm
-where transformers 5 no longer keeps it). With weighting they are encoded here with the compel
-library into `prompt_embeds` (and SDXL's pooled embeddings), and the pipeline skips its own text
-encoding:
-
-- "compel": compel's syntax, `(word)1.2`, `word++`, `word--`, `("a", "b").and()`, `.blend()`.
-- "sdEmbeds": the A1111 syntax, `(word:1.3)`, `(word)` = x1.1, `[word]` = /1.1, nesting
-  multiplies, `\\(` is a literal parenthesis and `BREAK` starts a new 77-token chunk. compel has
-  no parser for it: `parse_sd_embeds` reads it (A1111's algorithm) into weighted runs of text,
-  which become compel's prompt objects directly, so no text has to survive a second parse.
+where transformers 5 no longer keeps it). With weighting ("compel" or "sdEmbeds") the prompts
+are parsed by `prompt_syntax` into compel's prompt objects, encoded here with the compel library
+into `prompt_embeds` (and SDXL's pooled embeddings), and the pipeline skips its own text
+encoding.
 
 The embeddings agree with diffusers' own, so that a plain prompt gives the same images whether
 weighting is asked for or not: SD 1.x/2.x take the text encoder's last hidden state, SDXL the
@@ -23,30 +18,25 @@ prompts only. SDXL without negative prompts gets zero negative embeddings when t
 Beyond diffusers: weighted prompts are not cut at 77 tokens but encoded in 77-token chunks, and
 every prompt and negative of a call is padded with empty-prompt chunks to the same length.
 SDXL's pooled embedding comes from the prompt's text without its weights.
+
+The syntax's names (`PromptSyntaxError`, `check_prompt_syntax`, `parse_sd_embeds`, `MAX_NESTING`)
+are re-exported from here for the modules that import them from `prompting`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from impasto.backends.prompt_syntax import MAX_NESTING as MAX_NESTING
+from impasto.backends.prompt_syntax import PromptSyntaxError as PromptSyntaxError
+from impasto.backends.prompt_syntax import _parse
+from impasto.backends.prompt_syntax import check_prompt_syntax as check_prompt_syntax
+from impasto.backends.prompt_syntax import parse_sd_embeds as parse_sd_embeds
+
 WEIGHTINGS = ("compel", "sdEmbeds")
-
-# compel's parser is a pyparsing grammar; deeper nesting than this is refused (see _parse_compel).
-MAX_NESTING = 20
-
-
-class PromptSyntaxError(ValueError):
-    """A prompt's weighting syntax is malformed; `parameter` is "positivePrompt" or
-    "negativePrompt", the prompt it is in."""
-
-    def __init__(self, message: str, parameter: str = "positivePrompt") -> None:
-        super().__init__(message)
-        self.parameter = parameter
 
 
 class UnsupportedPromptOption(ValueError):
@@ -132,191 +122,6 @@ def clip_skip_supported(pipeline: Any) -> bool:
     return "clip_skip" in _call_parameters(pipeline)
 
 
-# -- the A1111 ("sdEmbeds") syntax ----------------------------------------------------------------
-
-# A1111's attention grammar (modules/prompt_parser.py), token by token.
-_SD_EMBEDS_TOKEN = re.compile(
-    r"""
-    \\\(|\\\)|\\\[|\\]|\\\\|\\|    # escapes; a lone backslash is dropped, as in A1111
-    \(|\[|
-    :\s*([+-]?[.\d]+)\s*\)|        # ':1.3)' closes a round bracket with its weight
-    \)|]|
-    [^\\()\[\]:]+|
-    :
-    """,
-    re.VERBOSE,
-)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_ROUND = 1.1
-_SQUARE = 1 / 1.1
-
-
-def parse_sd_embeds(text: str) -> list[list[tuple[str, float]]]:
-    """A1111 ("sdEmbeds") prompt syntax as runs of (text, weight), one list per chunk.
-
-    `(x)` multiplies the weight of x by 1.1, `[x]` divides it by 1.1, `(x:w)` multiplies it by w,
-    and nesting multiplies; `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are literal. As in A1111, a
-    bracket left open applies to the end of the prompt, a closing one that closes nothing is
-    text, and neighbouring runs of equal weight are joined. `BREAK` ends a chunk (A1111 pads the
-    chunk to 75 tokens and starts another); unlike A1111, it does so inside brackets too, where
-    A1111 would read it as the word BREAK with a negative weight. Raises PromptSyntaxError for a
-    weight that is not a number, such as `(x:1.2.3)`.
-    """
-    runs: list[tuple[str, float] | None] = []  # None: a BREAK
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def multiply(start: int, factor: float) -> None:
-        for index in range(start, len(runs)):
-            run = runs[index]
-            if run is not None:
-                runs[index] = (run[0], run[1] * factor)
-
-    for match in _SD_EMBEDS_TOKEN.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            runs.append((token[1:], 1.0))
-        elif token == "(":
-            round_open.append(len(runs))
-        elif token == "[":
-            square_open.append(len(runs))
-        elif weight is not None and round_open:
-            try:
-                factor = float(weight)
-            except ValueError:
-                raise PromptSyntaxError(
-                    f"{weight!r} in {token.strip()!r} is not a number; write a weight as "
-                    "(text:1.3)."
-                ) from None
-            multiply(round_open.pop(), factor)
-        elif token == ")" and round_open:
-            multiply(round_open.pop(), _ROUND)
-        elif token == "]" and square_open:
-            multiply(square_open.pop(), _SQUARE)
-        else:
-            for index, part in enumerate(_BREAK.split(token)):
-                if index:
-                    runs.append(None)
-                runs.append((part, 1.0))
-    for start in round_open:
-        multiply(start, _ROUND)
-    for start in square_open:
-        multiply(start, _SQUARE)
-
-    chunks: list[list[tuple[str, float]]] = [[]]
-    for run in runs:
-        if run is None:
-            chunks.append([])
-        elif chunks[-1] and chunks[-1][-1][1] == run[1]:
-            chunks[-1][-1] = (chunks[-1][-1][0] + run[0], run[1])
-        else:
-            chunks[-1].append(run)
-    kept = [[run for run in chunk if run[0]] for chunk in chunks]
-    return [chunk for chunk in kept if chunk] or [[]]
-
-
-# -- parsing into compel's prompt objects -------------------------------------------------------
-
-
-def _sd_embeds_conjunction(text: str, parameter: str) -> Any:
-    from compel.prompt_parser import (  # type: ignore[import-untyped]
-        Conjunction,
-        FlattenedPrompt,
-    )
-
-    try:
-        chunks = parse_sd_embeds(text)
-    except PromptSyntaxError as exc:
-        raise PromptSyntaxError(str(exc), parameter) from None
-    # Blank runs tokenize to nothing, and compel cannot down-weight a fragment without tokens.
-    prompts = [
-        FlattenedPrompt([(run_text, weight) for run_text, weight in chunk if run_text.strip()])
-        for chunk in chunks
-    ]
-    prompts = [prompt if prompt.children else FlattenedPrompt([("", 1.0)]) for prompt in prompts]
-    # Parts of a Conjunction are encoded apart and joined along the tokens: A1111's BREAK.
-    return Conjunction(prompts, [1.0] * len(prompts))
-
-
-def _check_parentheses(text: str, parameter: str) -> None:
-    # compel reads an unbalanced parenthesis as literal text, which a user who asked for
-    # weighting has hardly meant; a literal one is written \( or \).
-    opened: list[int] = []
-    index = 0
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2
-            continue
-        if char == "(":
-            opened.append(index)
-            if len(opened) > MAX_NESTING:
-                raise PromptSyntaxError(
-                    f"Parentheses are nested more than {MAX_NESTING} deep.", parameter
-                )
-        elif char == ")":
-            if not opened:
-                raise PromptSyntaxError(
-                    f"')' at character {index + 1} closes no '('; write a literal one as \\).",
-                    parameter,
-                )
-            opened.pop()
-        index += 1
-    if opened:
-        raise PromptSyntaxError(
-            f"'(' at character {opened[-1] + 1} is never closed; write a literal one as \\(.",
-            parameter,
-        )
-
-
-def _parse_compel(text: str, parameter: str) -> Any:
-    import pyparsing
-    from compel import Compel  # type: ignore[import-untyped]
-    from compel.prompt_parser import PromptParser
-
-    _check_parentheses(text, parameter)
-    # Without memoization compel's grammar backtracks exponentially: about four times longer
-    # for each level of nested parentheses (12 levels: 40 s on a CPU). The switch is
-    # process-wide and idempotent; it only caches, and fails only against left recursion.
-    with contextlib.suppress(RuntimeError):
-        pyparsing.ParserElement.enable_packrat()
-    try:
-        conjunction = Compel.parse_prompt_string(text)
-    except (
-        pyparsing.ParseBaseException,
-        PromptParser.ParsingException,
-        ValueError,
-        IndexError,
-        RecursionError,
-    ) as exc:
-        raise PromptSyntaxError(
-            f"The prompt's compel syntax is malformed: {exc}", parameter
-        ) from None
-    if conjunction.lora_weights:
-        raise PromptSyntaxError(
-            "withLora() and useLora() are not applied from prompts; give LoRAs in `lora`.",
-            parameter,
-        )
-    if any(part.wants_cross_attention_control for part in conjunction.prompts):
-        raise PromptSyntaxError(
-            ".swap() (cross-attention control) is not supported with prompt embeddings.",
-            parameter,
-        )
-    return conjunction
-
-
-def check_prompt_syntax(text: str, weighting: str, parameter: str = "positivePrompt") -> None:
-    """Raise PromptSyntaxError if `text` is malformed in `weighting`'s syntax (no model needed:
-    the server checks this before it accepts a task)."""
-    _parse(text, weighting, parameter)
-
-
-def _parse(text: str, weighting: str, parameter: str) -> Any:
-    if weighting == "compel":
-        return _parse_compel(text, parameter)
-    return _sd_embeds_conjunction(text, parameter)
-
-
 # -- encoding -----------------------------------------------------------------------------------
 
 
@@ -388,7 +193,7 @@ class _MultiVectorTokens:
 
 
 def _compel(tokenizer: Any, encoder: Any, *, pooled: bool) -> Any:
-    from compel import Compel, ReturnedEmbeddingsType
+    from compel import Compel, ReturnedEmbeddingsType  # type: ignore[import-untyped]
 
     kind = (
         ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
@@ -416,7 +221,7 @@ def _pad(conditioning: Any, length: int, empty: Any) -> Any:
 def _pooled_sources(conjunction: Any) -> list[tuple[str, float]]:
     """The texts (and weights) whose pooled embeddings make a prompt's pooled embedding: a blend
     blends them, any other prompt is its text with the weights left out."""
-    from compel.prompt_parser import Blend
+    from compel.prompt_parser import Blend  # type: ignore[import-untyped]
 
     def text_of(prompt: Any) -> str:
         return " ".join(part.text.strip() for part in prompt.children if part.text.strip())

@@ -12,11 +12,15 @@ optional member may arrive as an explicit `null`; null means "not given" through
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from impasto.protocol.errors import InvalidParameter
 from impasto.protocol.fields import INTEGRAL, ImageString, Name
+
+if TYPE_CHECKING:
+    from impasto.protocol.tasks import ImageInferenceIn
 
 # How many of each a task may carry: far above what a pipeline can use, bounded so a task
 # stays small to store and validate.
@@ -182,3 +186,54 @@ def mode_problems(
             ("outpaint", "invalidOutpaint", "extend at least one side (top, right, bottom or left)")
         )
     return found
+
+
+def check_mode_inputs(task: ImageInferenceIn) -> None:
+    """Inputs that only make sense together, and one place for each."""
+    seed = task.seed_image()
+    mask = task.mask_image()
+    for name, found in (
+        ("seedImage", task.image_inputs("seedImage", ("seedImage", "image"))),
+        ("maskImage", task.image_inputs("maskImage", ("mask",))),
+    ):
+        if len(found) > 1:
+            raise InvalidParameter(
+                f"Give the {name} once: {' and '.join(p for p, _ in found)} were both given.",
+                code=f"invalid{name[:1].upper()}{name[1:]}",
+                parameter=found[1][0],
+            )
+    if seed is None:
+        for needs, present in (
+            ("maskImage", mask is not None),
+            ("outpaint", task.outpaint is not None),
+        ):
+            if present:
+                raise InvalidParameter(
+                    f"{needs} needs a seedImage (the image to change).",
+                    code="missingSeedImage",
+                    parameter="seedImage",
+                )
+    if task.maskMargin is not None and mask is None:
+        raise InvalidParameter(
+            "maskMargin needs a maskImage (it is the context around the masked area).",
+            code="missingMaskImage",
+            parameter="maskImage",
+        )
+    if task.outpaint is not None and mask is not None:
+        raise InvalidParameter(
+            "Give outpaint or maskImage, not both: outpainting makes its own mask.",
+            code="invalidOutpaint",
+            parameter="outpaint",
+        )
+    for parameter, code, message in mode_problems(
+        task.controlNet, task.ipAdapters, task.refiner, task.outpaint
+    ):
+        raise InvalidParameter(
+            f"Invalid value for {parameter} parameter: {message}.", code=code, parameter=parameter
+        )
+    if task.usePromptWeighting and task.promptWeighting is not None:
+        raise InvalidParameter(
+            "Give promptWeighting or the legacy usePromptWeighting, not both.",
+            code="invalidPromptWeighting",
+            parameter="usePromptWeighting",
+        )

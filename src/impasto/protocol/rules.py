@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
-from impasto.protocol.modes import mode_problems
+from impasto.protocol.modes import check_mode_inputs
 
 if TYPE_CHECKING:
     from impasto.protocol.tasks import ImageInferenceIn
@@ -215,7 +215,7 @@ def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:
                 f"Parameter {parameter} is not supported by model {rules.air}.",
                 parameter=parameter,
             )
-    _check_mode_inputs(task)
+    check_mode_inputs(task)
     if "maskImage" in rules.required:
         missing = (
             "seedImage"
@@ -282,57 +282,6 @@ def _value_at(task: ImageInferenceIn, parameter: str) -> object:
     for part in parameter.split("."):
         holder = getattr(holder, part, None)
     return holder
-
-
-def _check_mode_inputs(task: ImageInferenceIn) -> None:
-    """Inputs that only make sense together, and one place for each."""
-    seed = task.seed_image()
-    mask = task.mask_image()
-    for name, found in (
-        ("seedImage", task.image_inputs("seedImage", ("seedImage", "image"))),
-        ("maskImage", task.image_inputs("maskImage", ("mask",))),
-    ):
-        if len(found) > 1:
-            raise InvalidParameter(
-                f"Give the {name} once: {' and '.join(p for p, _ in found)} were both given.",
-                code=f"invalid{code_name(name)}",
-                parameter=found[1][0],
-            )
-    if seed is None:
-        for needs, present in (
-            ("maskImage", mask is not None),
-            ("outpaint", task.outpaint is not None),
-        ):
-            if present:
-                raise InvalidParameter(
-                    f"{needs} needs a seedImage (the image to change).",
-                    code="missingSeedImage",
-                    parameter="seedImage",
-                )
-    if task.maskMargin is not None and mask is None:
-        raise InvalidParameter(
-            "maskMargin needs a maskImage (it is the context around the masked area).",
-            code="missingMaskImage",
-            parameter="maskImage",
-        )
-    if task.outpaint is not None and mask is not None:
-        raise InvalidParameter(
-            "Give outpaint or maskImage, not both: outpainting makes its own mask.",
-            code="invalidOutpaint",
-            parameter="outpaint",
-        )
-    for parameter, code, message in mode_problems(
-        task.controlNet, task.ipAdapters, task.refiner, task.outpaint
-    ):
-        raise InvalidParameter(
-            f"Invalid value for {parameter} parameter: {message}.", code=code, parameter=parameter
-        )
-    if task.usePromptWeighting and task.promptWeighting is not None:
-        raise InvalidParameter(
-            "Give promptWeighting or the legacy usePromptWeighting, not both.",
-            code="invalidPromptWeighting",
-            parameter="usePromptWeighting",
-        )
 
 
 def _check_size(task: ImageInferenceIn, rules: ModelRules) -> None:

@@ -35,7 +35,7 @@ from impasto.protocol.fields import (
     single_output_type,
 )
 
-# What impasto runs without model weights (see service/preprocess.py); `tile` is the group name
+# What impasto runs without model weights (see service/guides.py); `tile` is the group name
 # Runware's preprocessor list gives the Gaussian-pyramid tile preprocessor.
 PREPROCESSORS = ("canny", "tile_gaussian", "tile", "shuffle", "lineart_standard", "scribble_xdog")
 # Names Runware's SDKs list whose algorithms need a trained network (depth estimators, pose

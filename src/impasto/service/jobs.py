@@ -41,7 +41,7 @@ def seeds_for(seed: int | None, count: int) -> list[int]:
 
 def preprocess_guide(image: Image.Image, control: ControlNetIn) -> Image.Image:
     """compat: runware 0.5.24's IControlNetCanny sends a photo and asks for its edges."""
-    from impasto.service.preprocess import canny
+    from impasto.service.guides import canny
 
     return canny(image, control.lowThresholdCanny, control.highThresholdCanny)
 
