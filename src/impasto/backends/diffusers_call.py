@@ -29,7 +29,7 @@ from impasto.backends.diffusers_loading import Replica, ReplicaLoader
 from impasto.backends.inpaint_canvas import InpaintCanvas, plan_canvas
 from impasto.backends.loras import LoraRequest
 from impasto.backends.prompting import PromptSyntaxError, UnsupportedPromptOption, prompt_arguments
-from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
+from impasto.protocol.errors import InvalidParameter, UnsupportedParameter, code_name
 
 log = logging.getLogger("impasto.backends.diffusers")
 
@@ -142,7 +142,6 @@ class CallBuilder:
             seeds += [0] * padding
             prompts += [PAD_PROMPT] * padding
             negatives += [""] * padding
-        count = len(prompts)
         generator_device = "cpu" if device == "cpu" else device
         controls = [
             (
@@ -204,10 +203,9 @@ class CallBuilder:
                 f"Model {self.air} does not take a negativePrompt.", parameter="negativePrompt"
             )
         kwargs.update(self._prompts(pipeline, prompts, negatives if any_negative else None, first))
-        total = max(1, count and steps)
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-            done = max(1, int(getattr(pipe, "_num_timesteps", 0) or total))
+            done = max(1, int(getattr(pipe, "_num_timesteps", 0) or steps))
             progress(jobs, min(99, (step + 1) * 100 // done))
             return tensors
 
@@ -361,7 +359,7 @@ class CallBuilder:
         except PromptSyntaxError as exc:
             raise InvalidParameter(
                 f"Invalid value for {exc.parameter} parameter: {exc}",
-                code=f"invalid{exc.parameter[:1].upper()}{exc.parameter[1:]}",
+                code=f"invalid{code_name(exc.parameter)}",
                 parameter=exc.parameter,
             ) from None
         except UnsupportedPromptOption as exc:

@@ -35,6 +35,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def code_name(parameter: str) -> str:
+    """`width` -> `Width`, for codes such as `invalidWidth`."""
+    return parameter[:1].upper() + parameter[1:]
+
+
 class ImpastoError(Exception):
     """Base of every error that is reported to a client as a Runware error item."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from impasto.protocol.errors import InvalidParameter
+from impasto.protocol.errors import InvalidParameter, code_name
 from impasto.protocol.fields import INTEGRAL, ImageString, Name
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def check_mode_inputs(task: ImageInferenceIn) -> None:
         if len(found) > 1:
             raise InvalidParameter(
                 f"Give the {name} once: {' and '.join(p for p, _ in found)} were both given.",
-                code=f"invalid{name[:1].upper()}{name[1:]}",
+                code=f"invalid{code_name(name)}",
                 parameter=found[1][0],
             )
     if seed is None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from impasto.protocol.errors import InvalidParameter, UnsupportedParameter
+from impasto.protocol.errors import code_name as code_name
 from impasto.protocol.modes import check_mode_inputs
 
 if TYPE_CHECKING:
@@ -200,11 +201,6 @@ def modes_of(rules: ModelRules) -> list[str]:
     if rules.max_reference_images:
         modes.append("referenceImages")
     return modes + [name for parameter, name in MODE_NAMES.items() if rules.accepts(parameter)]
-
-
-def code_name(parameter: str) -> str:
-    """`width` -> `Width`, for codes such as `invalidWidth`."""
-    return parameter[:1].upper() + parameter[1:]
 
 
 def check_against_rules(task: ImageInferenceIn, rules: ModelRules) -> None:

@@ -28,6 +28,7 @@ from impasto.protocol.errors import (
     InferenceError,
     InvalidParameter,
     QueueFull,
+    code_name,
 )
 from impasto.protocol.tasks import ImageInferenceIn, check_against_rules
 from impasto.service.assets import check_assets, check_model_kind
@@ -80,7 +81,7 @@ def check_weighting(task: ImageInferenceIn, weighting: str) -> None:
         except PromptSyntaxError as exc:
             raise InvalidParameter(
                 f"Invalid value for {parameter} parameter ({weighting} syntax): {exc}",
-                code=f"invalid{parameter[:1].upper()}{parameter[1:]}",
+                code=f"invalid{code_name(parameter)}",
                 parameter=parameter,
             ) from None
 
@@ -235,7 +236,7 @@ class TaskAcceptance:
             except (OutboundRefused, OutboundFailed) as exc:
                 raise InvalidParameter(
                     f"Invalid value for {parameter} parameter: {exc}.",
-                    code=f"invalid{parameter[0].upper()}{parameter[1:]}",
+                    code=f"invalid{code_name(parameter)}",
                     parameter=parameter,
                 ) from None
 

@@ -27,7 +27,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from impasto.protocol.errors import ConflictTaskUUID, ImpastoError, InferenceError, InvalidParameter
+from impasto.protocol.errors import (
+    ConflictTaskUUID,
+    ImpastoError,
+    InferenceError,
+    InvalidParameter,
+    code_name,
+)
 from impasto.protocol.fields import is_uuid4
 from impasto.protocol.tasks import ImageUploadIn
 from impasto.protocol.utility import MediaStorageIn, media_delete_item, media_upload_item
@@ -222,7 +228,7 @@ class UploadService:
                 code="missingMediaUUID",
                 parameter="mediaUUID",
             )
-        code = f"invalid{parameter[0].upper()}{parameter[1:]}"
+        code = f"invalid{code_name(parameter)}"
         if not is_uuid4(target):
             raise InvalidParameter(
                 f"Invalid value for {parameter} parameter: operation delete takes the UUID of "
