@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from impasto.backends.devices import LOAD_LOCK
 
@@ -57,11 +58,42 @@ def _write_tokenizer_files(directory: Path) -> dict[str, int]:
     return vocab
 
 
+def tiny_vae(**extra: Any) -> Any:
+    """The tiny VAE: 16x downsampling in five narrow levels, no attention (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(4, 4, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+        **extra,
+    )
+
+
+def tiny_scheduler(**extra: Any) -> Any:
+    """Stable Diffusion's Euler schedule."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        **extra,
+    )
+
+
 def _build(directory: Path) -> None:
     import torch
     from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -99,25 +131,8 @@ def _build(directory: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(4, 4, 8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 5,
-        up_block_types=("UpDecoderBlock2D",) * 5,
-        norm_num_groups=4,
-        sample_size=64,
-        mid_block_add_attention=False,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-    )
+    vae = tiny_vae()
+    scheduler = tiny_scheduler()
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

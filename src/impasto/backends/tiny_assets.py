@@ -21,7 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from impasto.backends.tiny import TINY_VERSION, _write_tokenizer_files, build_atomically
+from impasto.backends.tiny import (
+    TINY_VERSION,
+    _write_tokenizer_files,
+    build_atomically,
+    tiny_scheduler,
+    tiny_vae,
+)
 
 # Bump when an asset's architecture or weights change, so old copies are rebuilt.
 TINY_ASSETS_VERSION = 1
@@ -224,8 +230,6 @@ def _xl_unet(cross_attention_dim: int, conditioning_numbers: int) -> Any:
 
 def _build_xl(directory: Path) -> None:
     from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
     )
     from transformers import (
@@ -261,27 +265,8 @@ def _build_xl(directory: Path) -> None:
         # SDXL conditions on both encoders' hidden states side by side, and on six numbers:
         # original size, crop corner and target size.
         unet = _xl_unet(2 * _XL_TEXT_HIDDEN, conditioning_numbers=6)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(4, 4, 8, 16, 16),
-            layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 5,
-            up_block_types=("UpDecoderBlock2D",) * 5,
-            norm_num_groups=4,
-            sample_size=64,
-            mid_block_add_attention=False,
-            force_upcast=False,
-        )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+        vae = tiny_vae(force_upcast=False)
+    scheduler = tiny_scheduler(timestep_spacing="leading")
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
