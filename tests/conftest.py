@@ -40,6 +40,24 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tiny_models_dir: Path) -> Path:
+    """The saved tiny pipeline itself (what the tiny assets are built for)."""
+    return tiny_models_dir / "impasto-tiny"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For a module of tiny-tensor tests: one thread is as fast, and on a shared CPU it does
+    not fight the other test processes for cores (oversubscribed, such tests ran 4x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_settings(data_dir: Path, models_cache: Path | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "data_dir": data_dir,

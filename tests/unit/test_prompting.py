@@ -3,7 +3,6 @@ A1111 reads it, compel's weights, diffusers' clip_skip, SDXL's pooled embeddings
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,7 @@ ROUND = 1.1
 SQUARE = 1 / 1.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # The suite shares two cores; the tiny models gain nothing from a second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

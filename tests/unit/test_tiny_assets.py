@@ -4,7 +4,6 @@ what the model makes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,12 @@ from impasto.backends.tiny_assets import (
 PROMPT = "a lighthouse at dusk"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny tensors: one thread is as fast, and on a shared CPU it does not fight the other
-    # test processes for cores (oversubscribed, these tests ran 4x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tiny_models_dir: Path) -> Path:
-    return tiny_models_dir / "impasto-tiny"
+def pipeline_dir(tiny_pipeline_dir: Path) -> Path:
+    return tiny_pipeline_dir
 
 
 @pytest.fixture(scope="module")
