@@ -70,5 +70,5 @@ def test_block_content_screens_every_input_but_the_mask_and_the_references() -> 
     )
     slots = slots_of(asked)
     images = TaskImages(by_parameter={s.parameter: Image.new("RGB", (8, 8)) for s in slots})
-    names = [name for name, _ in screened_inputs(asked, slots, images)]
+    names = [name for name, _ in screened_inputs(asked, images)]
     assert names == ["seedImage", "controlNet[0].guideImage"]

@@ -37,7 +37,6 @@ from impasto.service.images import ImageInput, ImageResolver, storable, store_im
 from impasto.service.jobs import LocalRunner, seeds_for
 from impasto.service.safety import ContentSafety
 from impasto.service.task_images import (
-    Slot,
     TaskImages,
     check_inputs,
     resolve_slots,
@@ -54,16 +53,14 @@ log = logging.getLogger("impasto.acceptance")
 TASK_TYPE = "imageInference"
 
 
-def screened_inputs(
-    task: ImageInferenceIn, slots: list[Slot], images: TaskImages
-) -> list[tuple[str, Image.Image]]:
-    """The input images blockContent screens besides the references: the seed image and the
-    guide images (a mask is only black and white)."""
-    skip = {
-        slot.parameter
-        for slot in slots
-        if slot.code in ("invalidReferenceImages", "invalidMaskImage")
-    }
+def screened_inputs(task: ImageInferenceIn, images: TaskImages) -> list[tuple[str, Image.Image]]:
+    """The input images blockContent screens besides the references: the seed image, guide
+    images and IP-Adapter images (a mask is only black and white)."""
+    base = task.reference_parameter()
+    skip = {f"{base}[{i}]" for i in range(len(task.reference_images()))}
+    mask = task.mask_image()
+    if mask is not None:
+        skip.add(mask[0])
     return [(p, image) for p, image in images.by_parameter.items() if p not in skip]
 
 
@@ -172,9 +169,7 @@ class TaskAcceptance:
         inputs = await resolve_slots(self._resolver, slots)
         check_inputs(task, slots, inputs, resolved.rules.sizes)
         images = task_images(task, slots, inputs)
-        await self._safety.screen_input(
-            task, images.references, screened_inputs(task, slots, images)
-        )
+        await self._safety.screen_input(task, images.references, screened_inputs(task, images))
         stored = await self._store_inputs(task, inputs)
         seeds = seeds_for(task.seed, task.numberResults)
         extra: dict[str, Any] = {"seeds": seeds}
@@ -183,6 +178,7 @@ class TaskAcceptance:
         if images.references:
             extra["references"] = [
                 {"imageUUID": image_uuid, "sourceURL": ref.source_url}
+                # References are the first slots (slots_of), so the first UUIDs are theirs.
                 for image_uuid, ref in zip(stored, images.references, strict=False)
             ]
         record = TaskRecord(
