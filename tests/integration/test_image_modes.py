@@ -307,3 +307,42 @@ def test_an_output_type_list_gives_each_field(server: RunningServer) -> None:
     assert base64.b64decode(item["imageBase64Data"]) == base64.b64decode(
         item["imageDataURI"].split(",", 1)[1]
     )
+
+
+def test_accelerator_options_reuse_steps_deterministically_over_rest(
+    server: RunningServer,
+) -> None:
+    """acceleratorOptions on the real server: DeepCache on the tiny UNet, TeaCache and First
+    Block Cache on the tiny FLUX transformer. A cache that skips work changes the pixels a
+    little and the same request gives the same pixels again; one that cannot skip (interval 1,
+    distance 0) gives exactly the uncached image."""
+    flux = {"model": "impasto:tiny-flux@1", "steps": 8, "seed": 4}
+    tasks = {
+        "sd": tiny_task(seed=3, steps=9),
+        "sd-deep": tiny_task(seed=3, steps=9, acceleratorOptions={"deepCache": True}),
+        "sd-deep-again": tiny_task(seed=3, steps=9, acceleratorOptions={"deepCache": True}),
+        "sd-deep-1": tiny_task(
+            seed=3, steps=9, acceleratorOptions={"deepCache": True, "deepCacheInterval": 1}
+        ),
+        "flux": tiny_task(**flux),
+        "flux-tea": tiny_task(
+            **flux, acceleratorOptions={"teaCache": True, "teaCacheDistance": 0.3}
+        ),
+        "flux-tea-again": tiny_task(
+            **flux, acceleratorOptions={"teaCache": True, "teaCacheDistance": 0.3}
+        ),
+        "flux-fb-0": tiny_task(**flux, acceleratorOptions={"fbcache": True, "cacheDistance": 0}),
+    }
+    items = generate(server, *tasks.values())
+    out = {name: pixels_of(item) for name, item in zip(tasks, items, strict=True)}
+    assert not np.array_equal(out["sd"], out["sd-deep"])
+    assert np.array_equal(out["sd-deep"], out["sd-deep-again"])
+    assert np.array_equal(out["sd"], out["sd-deep-1"])
+    assert not np.array_equal(out["flux"], out["flux-tea"])
+    assert np.array_equal(out["flux-tea"], out["flux-tea-again"])
+    assert np.array_equal(out["flux"], out["flux-fb-0"])
+    error = error_of(server, tiny_task(acceleratorOptions={"fbcache": True}))
+    assert (error["code"], error["parameter"]) == (
+        "unsupportedParameter",
+        "acceleratorOptions.fbcache",
+    )

@@ -264,8 +264,9 @@ def test_a_task_cut_mid_generation_is_resent_then_polled_to_its_image(
 def test_image_modes_as_the_legacy_sdk_sends_them(server: RunningServer, tmp_path: Path) -> None:
     """Its own request types: seed and mask images and ControlNet guides uploaded from local
     files, ILora, IControlNetGeneral (sent with every unset member as null), IOutpaint,
-    IRefiner, IEmbedding, IIpAdapter, clipSkip and promptWeighting."""
+    IRefiner, IEmbedding, IIpAdapter, clipSkip, promptWeighting and IAcceleratorOptions."""
     from runware.types import (
+        IAcceleratorOptions,
         IControlNetGeneral,
         IEmbedding,
         IIpAdapter,
@@ -305,6 +306,17 @@ def test_image_modes_as_the_legacy_sdk_sends_them(server: RunningServer, tmp_pat
         request(
             model="impasto:tiny-xl@1",
             refiner=IRefiner(model="impasto:tiny-xl-refiner@1", startStepPercentage=60),
+        ),
+        request(
+            steps=6,
+            acceleratorOptions=IAcceleratorOptions(deepCache=True, deepCacheInterval=3),
+        ),
+        request(
+            model="impasto:tiny-flux@1",
+            steps=6,
+            acceleratorOptions=IAcceleratorOptions(
+                teaCache=True, teaCacheDistance=0.3, cacheMaxConsecutiveSteps=2
+            ),
         ),
     ]
 

@@ -348,6 +348,31 @@ def test_add_result_is_idempotent_per_task_and_index(backend: Backend) -> None:
     assert deliveries == [delivery("d-first")]
 
 
+def test_a_result_stored_with_its_image_records_both(backend: Backend) -> None:
+    async def body(store: Store) -> tuple[bool, ImageRecord | None]:
+        await store.create_task(task())
+        stored = await store.add_result(result(0), image=image("img-0", 9000.0))
+        return stored, await store.get_image("img-0")
+
+    assert backend.run(body) == (True, image("img-0", 9000.0))
+
+
+def test_task_view_reads_the_task_its_results_and_its_deliveries_together(
+    backend: Backend,
+) -> None:
+    async def body(store: Store) -> tuple[Any, Any]:
+        await store.create_task(task())
+        await store.add_result(result(1), [delivery("d-1", index=1, created_at=60.0)])
+        await store.add_result(result(0), [delivery("d-0", index=0, created_at=50.0)])
+        return await store.task_view(TASK_A), await store.task_view(TASK_B)
+
+    view, unknown = backend.run(body)
+    assert unknown is None
+    assert view.task == task()
+    assert view.results == [result(0), result(1)]
+    assert [d.delivery_id for d in view.deliveries] == ["d-0", "d-1"]
+
+
 def test_twenty_concurrent_adds_of_one_index_store_exactly_one(backend: Backend) -> None:
     def variant(n: int) -> ResultRecord:
         return replace(result(0), item={"imageUUID": f"img-{n}"})

@@ -107,6 +107,7 @@ def _store_calls(store: StateStore) -> dict[str, Callable[[], Awaitable[Any]]]:
             ResultRecord(task_uuid=TASK, index=0, status="success", item=item, created_at=1.0)
         ),
         "results": lambda: store.results(TASK),
+        "task_view": lambda: store.task_view(TASK),
         "set_progress": lambda: store.set_progress(TASK, 0, 50),
         "progress": lambda: store.progress(TASK),
         "unfinished_tasks": store.unfinished_tasks,

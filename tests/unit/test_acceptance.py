@@ -31,7 +31,8 @@ from impasto.protocol.errors import (
     ServiceUnavailable,
     SyncTimeout,
 )
-from impasto.protocol.tasks import ImageInferenceIn, parse_task
+from impasto.protocol.parsing import parse_task
+from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.acceptance import TaskAcceptance
 from impasto.service.completion import TaskCompletion
 from impasto.service.dispatcher import Authenticator, TaskDispatcher

@@ -193,3 +193,51 @@ def test_a_scheduler_the_model_cannot_use_fails_the_job_with_invalid_scheduler(
     with pytest.raises(ImpastoError) as caught:
         generate(b, [job(0, seed=5, scheduler="FlowMatch Euler")])
     assert caught.value.code == "invalidScheduler"
+
+
+def test_a_new_models_download_does_not_stall_another_model_on_the_same_device(
+    tiny_models_dir: Path, worker: DeviceWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first use of a hub model downloads its weights in a thread of its own, not on the
+    device thread: a model already there keeps generating meanwhile, and the download is
+    awaited once however many calls wait for it."""
+    import threading
+
+    import diffusers
+
+    downloading = threading.Event()
+    release = threading.Event()
+    downloads: list[str] = []
+
+    def slow_download(name: str, **kwargs: Any) -> str:
+        downloads.append(name)
+        downloading.set()
+        assert release.wait(30), "the test never released the download"
+        return str(tiny_models_dir / "impasto-tiny")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", slow_download)
+    served = backend(tiny_models_dir, worker)
+    entry = ModelRegistry.load(None).resolve(TINY_AIR).target
+    hub = DiffusersBackend(entry, "example/not-yet-downloaded", [worker], max_batch_size=4)
+
+    async def run() -> None:
+        def nothing(jobs: Any, percent: int) -> None:
+            return None
+
+        first = asyncio.create_task(hub.generate([job(0, seed=1)], nothing, _no_checkpoint))
+        second = asyncio.create_task(hub.generate([job(1, seed=2)], nothing, _no_checkpoint))
+        assert await asyncio.to_thread(downloading.wait, 30)
+        # The device thread is free: the model it has generates while the download runs.
+        (outcome,) = await served.generate([job(2, seed=3)], nothing, _no_checkpoint)
+        assert isinstance(outcome, GeneratedImage)
+        assert not first.done()
+        assert not second.done()
+        release.set()
+        for outcome in (*(await first), *(await second)):
+            assert isinstance(outcome, GeneratedImage)
+
+    try:
+        asyncio.run(run())
+    finally:
+        release.set()
+    assert downloads == ["example/not-yet-downloaded"]

@@ -18,7 +18,7 @@ from impasto.protocol.openapi import (
     tasks_request_schema,
     tasks_responses,
 )
-from impasto.protocol.tasks import TASK_MODELS, parse_task
+from impasto.protocol.parsing import TASK_MODELS, parse_task
 
 REQUEST, COMPONENTS = tasks_request_schema()
 TASK_UUID = "f47ac10b-58cc-4372-a567-0e02b2c3d493"

@@ -17,12 +17,20 @@ from PIL import Image
 from impasto.backends.base import GeneratedImage, GenerationJob, Outcome
 from impasto.backends.registry import ModelRegistry
 from impasto.protocol.errors import ServiceUnavailable, StorageFull
-from impasto.protocol.tasks import ImageInferenceIn, parse_task
+from impasto.protocol.parsing import parse_task
+from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.completion import TaskCompletion
 from impasto.service.outcomes import OutcomeRecorder
 from impasto.service.safety import ContentSafety, OutputVerdict, UnavailableSafety
 from impasto.state.records import TaskRecord
-from tests.fakes import FakeEventBus, FakeImageStore, FlakyStateStore, RecordingSleep, sqlite_state
+from tests.fakes import (
+    FakeEventBus,
+    FakeImageStore,
+    FlakyStateStore,
+    RecordingSleep,
+    SilentSubscription,
+    sqlite_state,
+)
 
 MODEL = "impasto:tiny@1"
 
@@ -123,8 +131,7 @@ def test_unavailable_store_is_retried_with_capped_backoff_then_stores_one_result
     async def test() -> None:
         async with rig(tmp_path, retry_max_s=1.0) as r:
             task = await r.accept()
-            r.state.faults.fail("put_image", unavailable, times=2)
-            r.state.faults.fail("add_result", unavailable, times=3)
+            r.state.faults.fail("add_result", unavailable, times=5)
             await r.record(task, generated())
             assert r.sleep.delays == [0.25, 0.5, 1.0, 1.0, 1.0]
             results = await r.state.inner.results(task.taskUUID)
@@ -137,11 +144,11 @@ def test_unavailable_store_is_retried_with_capped_backoff_then_stores_one_result
     run(test)
 
 
-def test_failed_put_image_leaves_no_image_behind(tmp_path: Path) -> None:
+def test_failed_result_write_leaves_no_image_behind(tmp_path: Path) -> None:
     async def test() -> None:
         async with rig(tmp_path) as r:
             task = await r.accept()
-            r.state.faults.fail("put_image", unavailable, times=2)
+            r.state.faults.fail("add_result", unavailable, times=2)
             await r.record(task, generated())
             (result,) = await r.state.inner.results(task.taskUUID)
             stored = await r.state.inner.get_image(result.item["imageUUID"])
@@ -266,5 +273,30 @@ def test_health_names_generations_waiting_for_storage_until_they_are_stored(
                 for p in seen
             )
             assert r.recorder.problems() == []
+
+    run(test)
+
+
+def test_an_image_is_recorded_and_its_task_finished_in_three_state_calls(tmp_path: Path) -> None:
+    """The bookkeeping of one finished image: its result with its image record in one write,
+    one read of the task with its results and deliveries, the finishing write. The follower
+    of a sync reply then needs one read to see it all."""
+
+    async def test() -> None:
+        async with rig(tmp_path) as r:
+            task = await r.accept()
+            await r.record(task, generated())
+            assert dict(r.state.faults.calls) == {"add_result": 1, "task_view": 1, "finish_task": 1}
+            (result,) = await r.state.inner.results(task.taskUUID)
+            stored = await r.state.inner.get_image(result.item["imageUUID"])
+            assert stored is not None
+            assert stored.key in r.images.blobs
+            completion = TaskCompletion(r.state, r.bus, lambda: None)
+            followed = [
+                x.index
+                async for x in completion.follow(task.taskUUID, SilentSubscription(), timeout=5)
+            ]
+            assert followed == [0]
+            assert r.state.faults.calls["task_view"] == 2
 
     run(test)

@@ -18,8 +18,9 @@ from pydantic import BaseModel
 
 from impasto.protocol.errors import ImpastoError
 from impasto.protocol.fields import MAX_SEED
+from impasto.protocol.parsing import TASK_MODELS, TaskIn, parse_task
 from impasto.protocol.rules import RUNWAY_SIZES, ModelRules, SizeRule, check_against_rules
-from impasto.protocol.tasks import TASK_MODELS, ImageInferenceIn, TaskIn, parse_task
+from impasto.protocol.tasks import ImageInferenceIn
 from impasto.protocol.urls import url_problem
 
 PROPERTY = settings(

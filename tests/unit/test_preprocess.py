@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from impasto.protocol.errors import ImpastoError
-from impasto.protocol.tasks import parse_task
+from impasto.protocol.parsing import parse_task
 from impasto.protocol.utility import PREPROCESSOR_AIRS, PREPROCESSORS, PreprocessIn
 from impasto.service.guides import (
     ALIASES,

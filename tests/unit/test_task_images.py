@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import uuid
 
-from impasto.protocol.tasks import ImageInferenceIn, parse_task
+from impasto.protocol.parsing import parse_task
+from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.task_images import slots_of, with_stored_images
 
 URL = "https://example.com/a.png"

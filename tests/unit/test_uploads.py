@@ -27,7 +27,8 @@ from impasto.protocol.errors import (
     ServiceUnavailable,
     StorageFull,
 )
-from impasto.protocol.tasks import ImageUploadIn, parse_task
+from impasto.protocol.parsing import parse_task
+from impasto.protocol.tasks import ImageUploadIn
 from impasto.protocol.utility import MediaStorageIn
 from impasto.service.images import ImageResolver
 from impasto.service.uploads import UploadService

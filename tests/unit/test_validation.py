@@ -13,15 +13,10 @@ import pytest
 from impasto.backends.registry import ModelRegistry
 from impasto.protocol.errors import ImpastoError
 from impasto.protocol.fields import MAX_RANDOM_SEED, MAX_SEED
+from impasto.protocol.parsing import TaskIn, parse_task, task_context
 from impasto.protocol.rules import RUNWAY_SIZES
-from impasto.protocol.tasks import (
-    ImageInferenceIn,
-    TaskIn,
-    check_against_rules,
-    parse_task,
-    task_context,
-)
-from impasto.service.assets import check_assets, check_model_kind
+from impasto.protocol.tasks import ImageInferenceIn, check_against_rules
+from impasto.service.assets import check_accelerators, check_assets, check_model_kind
 
 REGISTRY = ModelRegistry.load(None)
 SEED_TASKS = json.loads((Path(__file__).parents[1] / "data" / "seed-tasks.json").read_text())
@@ -79,6 +74,7 @@ def validate(raw: Any) -> TaskIn:
             check_model_kind(resolved)
             check_against_rules(task, resolved.rules)
             check_assets(task, REGISTRY, resolved)
+            check_accelerators(task, resolved)
         except ImpastoError as exc:
             raise exc.for_task(task.taskType, task.taskUUID) from None
     return task
@@ -760,6 +756,76 @@ REJECTED: list[Rejected] = [
         )
     ),
     Rejected("turbo-seed", mutated(TURBO, seed=42), "unsupportedParameter", "seed"),
+    # -- acceleratorOptions --
+    Rejected(
+        "runway-acceleratorOptions",
+        mutated(RUNWAY, acceleratorOptions={"teaCache": True}),
+        "unsupportedParameter",
+        "acceleratorOptions",
+    ),
+    Rejected(
+        "accelerator-deepCache-on-a-transformer",
+        mutated(FLUX, acceleratorOptions={"deepCache": True}),
+        "unsupportedParameter",
+        "acceleratorOptions.deepCache",
+    ),
+    Rejected(
+        "accelerator-fbcache-on-a-unet",
+        mutated(TINY, acceleratorOptions={"fbcache": True, "cacheDistance": 0.1}),
+        "unsupportedParameter",
+        "acceleratorOptions.fbcache",
+    ),
+    Rejected(
+        "accelerator-two-methods",
+        mutated(FLUX, acceleratorOptions={"fbcache": True, "teaCache": True}),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.teaCache",
+    ),
+    Rejected(
+        "accelerator-start-step-twice",
+        mutated(
+            TINY,
+            acceleratorOptions={
+                "deepCache": True,
+                "cacheStartStep": 2,
+                "cacheStartStepPercentage": 10,
+            },
+        ),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.cacheStartStepPercentage",
+    ),
+    Rejected(
+        "accelerator-stop-before-start",
+        mutated(
+            TINY, acceleratorOptions={"deepCache": True, "cacheStartStep": 5, "cacheStopStep": 5}
+        ),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.cacheStopStep",
+    ),
+    Rejected(
+        "accelerator-interval-zero",
+        mutated(TINY, acceleratorOptions={"deepCache": True, "deepCacheInterval": 0}),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.deepCacheInterval",
+    ),
+    Rejected(
+        "accelerator-distance-negative",
+        mutated(FLUX, acceleratorOptions={"teaCache": True, "teaCacheDistance": -1}),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.teaCacheDistance",
+    ),
+    Rejected(
+        "accelerator-unknown-skip-mode",
+        mutated(TINY, acceleratorOptions={"deepCache": True, "deepCacheSkipMode": "sometimes"}),
+        "invalidAcceleratorOptions",
+        "acceleratorOptions.deepCacheSkipMode",
+    ),
+    Rejected(
+        "accelerator-unknown-member",
+        mutated(TINY, acceleratorOptions={"deepCache": True, "turbo": True}),
+        "unknownParameter",
+        "acceleratorOptions.turbo",
+    ),
     # -- image modes a model does not take --
     *(
         Rejected(f"runway-{name}", mutated(RUNWAY, **{name: value}), "unsupportedParameter", name)
@@ -1329,6 +1395,34 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ),
     ("ping-taskUUID-100-chars", mutated(PING, taskUUID="p" * 100)),
     ("positivePrompt-emoji-pair", mutated(TINY, positivePrompt="a \U0001f431 cat")),
+    (
+        "accelerator-deepCache-sdk-js-shape",
+        mutated(
+            TINY,
+            acceleratorOptions={"deepCache": True, "deepCacheInterval": 3, "deepCacheBranchId": 0},
+        ),
+    ),
+    (
+        "accelerator-teaCache-on-flux",
+        mutated(FLUX, acceleratorOptions={"teaCache": True, "teaCacheDistance": 0.4}),
+    ),
+    (
+        "accelerator-legacy-sdk-nulls",
+        mutated(
+            FLUX,
+            acceleratorOptions={
+                "fbcache": True,
+                "cacheDistance": 0.1,
+                "teaCache": None,
+                "cacheStartStepPercentage": 10,
+                "cacheEndStepPercentage": 90,
+                "cacheMaxConsecutiveSteps": 2,
+                "deepCache": None,
+                "deepCacheSkipMode": None,
+            },
+        ),
+    ),
+    ("accelerator-all-off", mutated(TINY, acceleratorOptions={"teaCache": False})),
 ]
 
 

@@ -31,7 +31,8 @@ from impasto.protocol.errors import (
     ServiceUnavailable,
     TooManyTasks,
 )
-from impasto.protocol.tasks import AuthenticationIn, parse_task, task_context
+from impasto.protocol.parsing import parse_task, task_context
+from impasto.protocol.tasks import AuthenticationIn
 from impasto.service.dispatcher import Envelope, TaskDispatcher
 from impasto.service.runtime import Runtime
 from impasto.service.sessions import Frame, Session, SessionRegistry, encode_frame

@@ -102,6 +102,33 @@ class Outpaint:
 
 
 @dataclass(frozen=True)
+class CacheUse:
+    """Step caching asked for with acceleratorOptions: the method and its knobs, the window as
+    the client gave it (steps or percentages; resolved against the call's steps)."""
+
+    method: str  # fbcache | teacache | deepcache
+    threshold: float = 0.0
+    interval: int = 3
+    branch: int = 0
+    skip_mode: str = "uniform"
+    start_step: int | None = None
+    stop_step: int | None = None
+    start_percent: int | None = None
+    end_percent: int | None = None
+    max_consecutive: int | None = None
+
+    def window(self, steps: int) -> tuple[int | None, int | None]:
+        """(start, stop) as step indices of a schedule of `steps` steps."""
+        start = self.start_step
+        if self.start_percent is not None:
+            start = steps * self.start_percent // 100
+        stop = self.stop_step
+        if self.end_percent is not None:
+            stop = -(-steps * self.end_percent // 100)
+        return start, stop
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """One image to make: generation `index` of task `task_uuid`."""
 
@@ -131,6 +158,7 @@ class GenerationJob:
     embeddings: tuple[EmbeddingUse, ...] = ()
     clip_skip: int | None = None
     prompt_weighting: str | None = None
+    cache: CacheUse | None = None
     provider_settings: Mapping[str, Any] = field(default_factory=dict)
     # Backend bookkeeping from an earlier run of this job (e.g. a provider's task id).
     resume: Mapping[str, Any] = field(default_factory=dict)

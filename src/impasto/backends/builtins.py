@@ -1,6 +1,6 @@
-"""The models every impasto server knows without a models file: the tiny model and its
-assets (built in code, for tests and offline first runs), Runway Gen-4 Image, FLUX.1, SDXL
-and SD-Turbo."""
+"""The models every impasto server knows without a models file: the tiny model, its assets
+and the tiny FLUX (built in code, for tests and offline first runs), Runway Gen-4 Image,
+FLUX.1, SDXL and SD-Turbo."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def builtin_entries() -> list[ModelEntry]:
     xl = frozenset(GENERATION_PARAMETERS)
     flux = frozenset(
         {"seed", "steps", "CFGScale", "scheduler", "strength", "seedImage", "maskImage"}
-        | {"maskMargin", "outpaint", "lora"}
+        | {"maskMargin", "outpaint", "lora", "acceleratorOptions"}
     )
     tiny = {"steps": 2, "guidance_scale": 2.0}
     return [
@@ -68,6 +68,25 @@ def builtin_entries() -> list[ModelEntry]:
                 max_reference_images=3,
             ),
             settings={"steps": 2, "guidance_scale": 2.0},
+        ),
+        ModelEntry(
+            air="impasto:tiny-flux@1",
+            name="impasto tiny FLUX.1 (T5 and CLIP text encoders, DiT, random weights)",
+            architecture="flux1s",
+            backend="tiny",
+            rules=ModelRules(
+                air="impasto:tiny-flux@1",
+                sizes=any_size((512, 512)),
+                parameters=flux,
+                max_reference_images=1,
+            ),
+            # FLUX packs 2x2 latents: sizes are multiples of twice the VAE's 8x.
+            settings={
+                "steps": 4,
+                "guidance_scale": 0.0,
+                "size_multiple_factor": 2,
+                "asset": "flux",
+            },
         ),
         ModelEntry(
             air="impasto:tiny-ip@1",

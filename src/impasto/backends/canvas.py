@@ -263,3 +263,16 @@ def _inward_feather(
 
 def _u32(image: Image.Image) -> NDArray[Any]:
     return np.asarray(image, dtype=np.uint32)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The middle `width` x `height` of an image at least that large."""
+    if image.size == (width, height):
+        return image
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))

@@ -39,8 +39,9 @@ from impasto.backends.base import (
     Outcome,
     ProgressCallback,
 )
+from impasto.backends.call_modes import mode_key
 from impasto.backends.devices import DeviceWorker
-from impasto.backends.diffusers_call import CallBuilder, mode_key
+from impasto.backends.diffusers_call import CallBuilder
 from impasto.backends.diffusers_loading import (
     AssetLocator,
     ModelUnavailable,
@@ -49,6 +50,7 @@ from impasto.backends.diffusers_loading import (
 )
 from impasto.backends.registry import ModelEntry
 from impasto.backends.schedulers import resolve_scheduler
+from impasto.backends.speed import save_compile_cache
 from impasto.protocol.errors import ImpastoError, InferenceError, InvalidParameter
 
 log = logging.getLogger("impasto.backends.diffusers")
@@ -74,6 +76,7 @@ class DiffusersBackend:
         *,
         offline: bool = False,
         assets: AssetLocator | None = None,
+        compile_cache: Path | None = None,
     ) -> None:
         self.entry = entry
         self.source = source
@@ -84,7 +87,9 @@ class DiffusersBackend:
         self._max_batch_pixels = int(self._settings.get("max_batch_pixels", 4 * 1024 * 1024))
         self._batch_invariant = bool(self._settings.get("batch_invariant", False))
         self._compile = bool(self._settings.get("compile", False))
-        self._loader = ReplicaLoader(entry, source, assets, offline=offline)
+        self._loader = ReplicaLoader(
+            entry, source, assets, offline=offline, compile_cache=compile_cache
+        )
         self._ip_adapter = self._loader.ip_adapter
         self._calls = CallBuilder(
             self._loader,
@@ -95,6 +100,7 @@ class DiffusersBackend:
         self._replicas: dict[str, Replica] = {}
         self._oom_limits: dict[tuple[int, int], int] = {}
         self._idle: asyncio.Queue[DeviceWorker] | None = None
+        self._fetching: asyncio.Task[None] | None = None
         self.compile_seconds: float | None = None
         # Sizes of the batches run so far (bounded), for metrics and tests.
         self.batch_sizes: list[int] = []
@@ -143,6 +149,8 @@ class DiffusersBackend:
                 self._idle.put_nowait(worker)
         worker = await self._idle.get()
         try:
+            if worker.device not in self._replicas:
+                await self._fetch()
             images = await worker.run(self._generate_split, worker, list(jobs), progress)
         finally:
             self._idle.put_nowait(worker)
@@ -213,6 +221,13 @@ class DiffusersBackend:
 
     # -- loading ----------------------------------------------------------------------------
 
+    async def _fetch(self) -> None:
+        """Bring the weights into the local cache in a thread of its own (downloads can take
+        minutes; the device thread goes on serving the models it has). Once per backend."""
+        if self._fetching is None:
+            self._fetching = asyncio.create_task(asyncio.to_thread(self._loader.fetch))
+        await asyncio.shield(self._fetching)
+
     def _replica(self, worker: DeviceWorker) -> Replica:
         replica = self._replicas.get(worker.device)
         if replica is None:
@@ -251,13 +266,17 @@ class DiffusersBackend:
         for worker in self._workers:
             await worker.run(self._generate_split, worker, [job], lambda jobs, percent: None)
         seconds = time.monotonic() - started
+        speed = self._loader.speed
+        speed.record_cold_start(seconds)
         if self._compile:
             self.compile_seconds = seconds
+            if self._loader.compile_cache is not None:
+                save_compile_cache(self._loader.compile_cache)
         log.info(
-            "warmed up %s in %.1f s%s",
+            "warmed up %s in %.1f s (speed options: %s)",
             self.entry.air,
             seconds,
-            " (including torch.compile)" if self._compile else "",
+            ", ".join(speed.applied) or "none",
         )
         return seconds
 

@@ -15,6 +15,7 @@ inpainted, at the model's full working size, and pasted back ("inpaint only mask
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -25,63 +26,19 @@ from PIL import Image
 
 from impasto.backends import canvas
 from impasto.backends.base import GenerationJob, ProgressCallback
+from impasto.backends.call_modes import IMG2IMG, INPAINT, TEXT2IMG, job_mode
 from impasto.backends.diffusers_loading import Replica, ReplicaLoader
 from impasto.backends.inpaint_canvas import InpaintCanvas, plan_canvas
 from impasto.backends.loras import LoraRequest
 from impasto.backends.prompting import PromptSyntaxError, UnsupportedPromptOption, prompt_arguments
+from impasto.backends.speed import prepare_call
+from impasto.backends.step_caches import StepCacheRun, cache_problem, plan_of, step_cache
 from impasto.protocol.errors import InvalidParameter, UnsupportedParameter, code_name
 
 log = logging.getLogger("impasto.backends.diffusers")
 
 DEFAULT_STRENGTH = 0.8
 PAD_PROMPT = ""
-
-TEXT2IMG, IMG2IMG, INPAINT = "text2img", "img2img", "inpaint"
-
-
-def job_mode(job: GenerationJob, *, inpainting_model: bool, ip_adapter: bool) -> str:
-    if job.outpaint is not None or job.mask_image is not None or inpainting_model:
-        return INPAINT
-    if job.seed_image is not None:
-        return IMG2IMG
-    if job.reference_images and not ip_adapter:
-        return IMG2IMG
-    return TEXT2IMG
-
-
-def mode_key(job: GenerationJob, mode: str) -> tuple[Any, ...]:
-    """What, besides size and sampling, must be equal for jobs to share a call."""
-    geometry: Any = None
-    if mode == INPAINT:
-        # The mask, its crop box and the canvas belong to one seed image: one task's jobs.
-        geometry = (id(job.seed_image), id(job.mask_image), job.mask_margin, job.outpaint)
-    return (
-        mode,
-        geometry,
-        tuple((lora.air, lora.weight) for lora in job.loras),
-        tuple(
-            (c.air, id(c.image), c.weight, c.mode, c.window(job.steps or 1000))
-            for c in job.controlnets
-        ),
-        tuple((a.air, tuple(id(i) for i in a.images), a.weight) for a in job.ip_adapters),
-        job.refiner,
-        job.vae,
-        tuple((e.air, e.weight) for e in job.embeddings),
-        job.clip_skip,
-        job.prompt_weighting,
-    )
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    if image.size == (width, height):
-        return image
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
 
 
 class CallBuilder:
@@ -132,7 +89,10 @@ class CallBuilder:
         multiple = int(getattr(base, "vae_scale_factor", 8)) * int(
             self._settings.get("size_multiple_factor", 1)
         )
-        width, height = round_up(first.width, multiple), round_up(first.height, multiple)
+        width, height = (
+            canvas.round_up(first.width, multiple),
+            canvas.round_up(first.height, multiple),
+        )
         replica.loras.activate(base, self._lora_requests(first))
         prompts = [self._with_embeddings(replica, job, job.prompt) for job in jobs]
         negatives = [job.negative_prompt or "" for job in jobs]
@@ -167,7 +127,10 @@ class CallBuilder:
             # result is scaled back onto the canvas before blending.
             canvases = [self._canvas(job, job.width, job.height, multiple) for job in jobs]
             work_image = canvases[0].work_image or canvases[0].image
-            work = (round_up(work_image.width, multiple), round_up(work_image.height, multiple))
+            work = (
+                canvas.round_up(work_image.width, multiple),
+                canvas.round_up(work_image.height, multiple),
+            )
             kwargs["image"] = [c.work_image or c.image for c in canvases]
             kwargs["mask_image"] = [c.work_mask or c.mask for c in canvases]
             kwargs["width"], kwargs["height"] = work
@@ -204,27 +167,53 @@ class CallBuilder:
             )
         kwargs.update(self._prompts(pipeline, prompts, negatives if any_negative else None, first))
 
+        caching: list[StepCacheRun] = []
+
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             done = max(1, int(getattr(pipe, "_num_timesteps", 0) or steps))
             progress(jobs, min(99, (step + 1) * 100 // done))
+            for cache in caching:
+                cache.step_end(step)
             return tensors
 
         if "callback_on_step_end" in accepted:
             kwargs["callback_on_step_end"] = on_step_end
         pipeline.scheduler = scheduler
-        if first.refiner is not None:
-            images = self._refined(replica, device, pipeline, kwargs, first, steps, seeds)
-        else:
-            images = pipeline(**kwargs).images
+        prepare_call(pipeline, self._settings, work[0], work[1], len(seeds))
+        with self._step_cache(pipeline, first, kwargs) as cache:
+            caching[:] = [cache] if cache is not None else []
+            if first.refiner is not None:
+                images = self._refined(replica, device, pipeline, kwargs, first, steps, seeds)
+            else:
+                images = pipeline(**kwargs).images
         results = []
         for index, job in enumerate(jobs):
             image = images[index]
             if canvases:
                 image = canvases[index].finish(image)
-            results.append(center_crop(image, job.width, job.height))
+            results.append(canvas.center_crop(image, job.width, job.height))
         return results
 
     # -- pieces ------------------------------------------------------------------------------
+
+    def _step_cache(
+        self, pipeline: Any, job: GenerationJob, kwargs: Mapping[str, Any]
+    ) -> contextlib.AbstractContextManager[StepCacheRun | None]:
+        """acceleratorOptions' step cache over this call's denoiser, or nothing. A cache the
+        denoiser cannot take (acceptance checks the architecture) is logged and skipped."""
+        if job.cache is None:
+            return contextlib.nullcontext()
+        denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+        # img2img and inpainting denoise int(steps * strength) of their steps.
+        steps = int(kwargs["num_inference_steps"] * kwargs.get("strength", 1.0))
+        plan = plan_of(job.cache, max(1, steps))
+        problem = cache_problem(denoiser, plan) if denoiser is not None else "no denoiser"
+        if "callback_on_step_end" not in kwargs:
+            problem = "the pipeline reports no steps (no callback_on_step_end)"
+        if problem is not None:
+            log.warning("%s: running without %s: %s", self.air, job.cache.method, problem)
+            return contextlib.nullcontext()
+        return step_cache(denoiser, plan, max(1, steps))
 
     def _lora_requests(self, job: GenerationJob) -> list[LoraRequest]:
         requests = []

@@ -19,6 +19,7 @@ from typing import Any
 from impasto.backends.devices import LOAD_LOCK
 from impasto.backends.loras import LoraAdapters
 from impasto.backends.registry import ModelEntry
+from impasto.backends.speed import SpeedReport, apply_speed_settings
 from impasto.protocol.errors import ImpastoError, InvalidParameter
 
 log = logging.getLogger("impasto.backends.diffusers")
@@ -79,6 +80,7 @@ class ReplicaLoader:
         assets: AssetLocator | None,
         *,
         offline: bool,
+        compile_cache: Path | None = None,
     ) -> None:
         self.entry = entry
         self.source = source
@@ -87,11 +89,42 @@ class ReplicaLoader:
         self._offline = offline
         adapter = self._settings.get("ip_adapter")
         self.ip_adapter: Mapping[str, Any] | None = adapter if isinstance(adapter, dict) else None
+        # Where `fetch` downloaded the checkpoint to, once it has.
+        self._fetched: Path | None = None
+        # torch.compile's artifacts on disk, so a restart compiles from the cache.
+        self.compile_cache = compile_cache
+        # What the speed options did on the last device loaded.
+        self.speed = SpeedReport()
 
     def _options(self, device: str) -> dict[str, Any]:
         options: dict[str, Any] = {"dtype": dtype_for(self._settings.get("dtype"), device)}
         if self._offline:
             options["local_files_only"] = True
+        return options
+
+    def fetch(self) -> None:
+        """Download the checkpoint into the Hugging Face cache if it is not there yet. Runs
+        off the device thread and outside LOAD_LOCK: a new model's first download does not
+        stall the other models on its device. A failure is left to `load`, which reports it."""
+        if self._fetched is not None or self._offline or Path(str(self.source)).exists():
+            return
+        import diffusers
+
+        started = time.monotonic()
+        try:
+            folder = diffusers.DiffusionPipeline.download(str(self.source), **self._download())
+        except (OSError, ValueError) as exc:
+            log.warning("downloading %s from %s failed: %s", self.entry.air, self.source, exc)
+            return
+        self._fetched = Path(folder)
+        log.info(
+            "weights of %s are in %s (%.1f s)", self.entry.air, folder, time.monotonic() - started
+        )
+
+    def _download(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if "variant" in self._settings:
+            options["variant"] = self._settings["variant"]
         return options
 
     def load(self, device: str) -> Replica:
@@ -114,7 +147,7 @@ class ReplicaLoader:
             loader = diffusers.AutoPipelineForText2Image
         started = time.monotonic()
         try:
-            pipeline = loader.from_pretrained(str(self.source), **options)
+            pipeline = loader.from_pretrained(str(self._fetched or self.source), **options)
         except (OSError, ValueError) as exc:
             log.error("cannot load %s from %s: %s", self.entry.air, self.source, exc)
             raise ModelUnavailable(
@@ -128,16 +161,16 @@ class ReplicaLoader:
         pipeline.to(device)
         if self.ip_adapter is not None:
             self._load_ip_adapter(pipeline)
-        size_bytes = 0
-        for name in pipeline.components:
-            module = getattr(pipeline, name, None)
-            if isinstance(module, torch.nn.Module):
-                size_bytes += module_bytes(module)
-                if name in ("unet", "vae"):
-                    # channels_last speeds up convolutions on CPUs and GPUs alike.
-                    module.to(memory_format=torch.channels_last)
-        if self._settings.get("compile", False):
-            self._compile_denoiser(pipeline)
+        # Layout, fused QKV, attention backend, fp8, compile: each fails soft (speed.py).
+        self.speed = apply_speed_settings(
+            pipeline, self._settings, device, cache_dir=self.compile_cache
+        )
+        # Counted after the speed options: fused QKV keeps the projections twice.
+        size_bytes = sum(
+            module_bytes(module)
+            for name in pipeline.components
+            if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)
+        )
         replica = Replica(
             pipeline=pipeline,
             size_bytes=size_bytes,
@@ -180,15 +213,6 @@ class ReplicaLoader:
                 parameter="model",
             ) from None
         pipeline.set_ip_adapter_scale(float(adapter.get("scale", 0.6)))
-
-    def _compile_denoiser(self, pipeline: Any) -> None:
-        import torch
-
-        for name in ("unet", "transformer"):
-            module = getattr(pipeline, name, None)
-            if module is not None:
-                mode = str(self._settings.get("compile_mode", "max-autotune-no-cudagraphs"))
-                setattr(pipeline, name, torch.compile(module, mode=mode, fullgraph=False))
 
     # -- extras -------------------------------------------------------------------------------
 

@@ -51,10 +51,14 @@ def weights_source(entry: ModelEntry, context: BackendContext) -> str | Path:
     models and assets the directory they are built into (once) under the models directory."""
     if entry.backend != "tiny":
         return entry.path or ""
+    asset = entry.settings.get("asset")
+    if asset == "flux":
+        from impasto.backends.tiny_flux import ensure_tiny_flux
+
+        return ensure_tiny_flux(context.models_dir / "impasto-tiny-flux")
     from impasto.backends.tiny import TINY_IP_ADAPTER, ensure_tiny_ip_adapter, ensure_tiny_pipeline
 
     pipeline_dir = ensure_tiny_pipeline(context.models_dir / "impasto-tiny")
-    asset = entry.settings.get("asset")
     if asset is None:
         return pipeline_dir
     if asset == "ip-adapter":
@@ -148,6 +152,7 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
             context.max_batch_size,
             offline=context.offline,
             assets=asset_locator(context),
+            compile_cache=context.models_dir / ".compile-cache",
         )
     if kind == "runway":
         key = provider_key(entry, context, "runway")

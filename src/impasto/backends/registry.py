@@ -24,6 +24,7 @@ named by tasks that use them; entries.py holds the entry type, builtins.py the b
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -40,8 +41,11 @@ from impasto.backends.entries import (
     ResolvedModel,
     any_size,
 )
+from impasto.backends.speed_settings import check_speed_settings
 from impasto.protocol.errors import ModelNotFound
 from impasto.protocol.rules import GENERATION_PARAMETERS, ModelRules, PriceTable
+
+log = logging.getLogger("impasto.registry")
 
 # Re-exported: the registry is where callers have always found these.
 __all__ = [
@@ -163,6 +167,15 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
         category, kind = _kind(table, base, where)
         if kind == "inpainting":
             rules = replace(rules, required=rules.required | {"maskImage"})
+        settings = {**base.settings, **dict(table.get("settings", {}))}
+        problems = check_speed_settings(settings)
+        if problems:
+            raise ModelsFileError(f"{where}: {'; '.join(problems)}")
+        if settings.get("fuse_qkv") is True and "lora" in rules.parameters:
+            # diffusers' fused attention reads only the fused projection: LoRA layers on
+            # to_q/to_k/to_v would be silently ignored, so LoRA tasks are refused instead.
+            log.warning("%s: fuse_qkv is on, so this model takes no lora", air)
+            rules = replace(rules, parameters=rules.parameters - {"lora"})
         return replace(
             base,
             air=air,
@@ -172,7 +185,7 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             path=table.get("path", base.path),
             category=category,
             type=kind,
-            settings={**base.settings, **dict(table.get("settings", {}))},
+            settings=settings,
             rules=rules,
         )
     except (TypeError, ValueError) as exc:

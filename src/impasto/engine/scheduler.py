@@ -8,6 +8,16 @@ fails its own jobs and nothing else.
 Waiting for companions costs a lone request latency, so a runner waits (at most `batch_wait`)
 only while the lane is under load, i.e. when its previous batch had company; otherwise it runs
 what is there at once, and whatever arrives meanwhile forms the next batch.
+
+The device never waits on bookkeeping: a batch's outcomes go to their sinks (safety check,
+encode, store, deliver) in a task of their own, and the runner takes the next batch at once.
+At most `post_backlog` batches per runner are being post-processed at a time; past that the
+runner waits for one to finish, so a slow store slows generation down instead of piling up
+images in memory.
+
+Progress reports are throttled per batch to one every `progress_period_s` (0.5 s, as cog
+throttles its non-terminal webhook events): a client polling getResponse sees fresh enough
+numbers, while a fast model no longer writes to the state store on every step.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ log = logging.getLogger("impasto.engine")
 BackendLoader = Callable[[str], Awaitable[Backend]]
 # Told about every batch run: (model AIR, number of jobs, seconds).
 BatchObserver = Callable[[str, int, float], None]
+Clock = Callable[[], float]
+
+PROGRESS_PERIOD_S = 0.5
 
 
 class JobSink(Protocol):
@@ -61,6 +74,28 @@ class _Lane:
         self.runners: list[asyncio.Task[None]] = []
         self.backend: Backend | None = None
         self.last_batch_size = 0
+        # Loading one model's backend never waits on another model's.
+        self.loading = asyncio.Lock()
+        # Outcomes of finished batches still being post-processed, and how many may be.
+        self.post: set[asyncio.Task[None]] = set()
+        self.post_slots: asyncio.Semaphore | None = None
+
+
+class ProgressThrottle:
+    """Lets a report through when `period_s` has passed since the last one let through; the
+    first report always passes."""
+
+    def __init__(self, period_s: float, clock: Clock) -> None:
+        self._period_s = period_s
+        self._clock = clock
+        self._last: float | None = None
+
+    def allow(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._period_s:
+            return False
+        self._last = now
+        return True
 
 
 class Scheduler:
@@ -71,12 +106,21 @@ class Scheduler:
         load_backend: BackendLoader,
         batch_wait_s: float = 0.005,
         observe: BatchObserver | None = None,
+        *,
+        progress_period_s: float = PROGRESS_PERIOD_S,
+        post_backlog: int = 2,
+        close_grace_s: float = 5.0,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._load_backend = load_backend
         self._observe: BatchObserver = observe or (lambda air, size, seconds: None)
         self._batch_wait_s = batch_wait_s
+        self._progress_period_s = progress_period_s
+        self._post_backlog = max(1, post_backlog)
+        self._close_grace_s = close_grace_s
+        # Times progress throttling; tests inject one.
+        self._clock = clock
         self._lanes: dict[str, _Lane] = {}
-        self._backend_lock = asyncio.Lock()
         self._closed = False
         self._reports: set[asyncio.Task[None]] = set()
         self.busy_since: float | None = None
@@ -126,13 +170,15 @@ class Scheduler:
 
     async def _backend(self, lane: _Lane) -> Backend:
         if lane.backend is None:
-            async with self._backend_lock:
+            async with lane.loading:
                 if lane.backend is None:
                     backend = await self._load_backend(lane.air)
                     lane.backend = backend
+                    runners = max(1, backend.concurrency)
+                    lane.post_slots = asyncio.Semaphore(runners * self._post_backlog)
                     for waiting in lane.waiting:
                         waiting.key = backend.batch_key(waiting.job)
-                    for _ in range(max(1, backend.concurrency) - len(lane.runners)):
+                    for _ in range(runners - len(lane.runners)):
                         lane.runners.append(
                             asyncio.create_task(self._run_lane(lane), name=f"lane {lane.air}")
                         )
@@ -163,7 +209,15 @@ class Scheduler:
                 await self._fail(batch, InferenceError(f"Model {lane.air} failed to batch."))
                 continue
             lane.last_batch_size = len(batch)
-            await self._run_batch(lane.air, backend, batch)
+            assert lane.post_slots is not None
+            # Wait here, before the device starts, if post-processing has fallen behind.
+            await lane.post_slots.acquire()
+            try:
+                outcomes = await self._run_batch(lane.air, backend, batch)
+            except BaseException:
+                lane.post_slots.release()
+                raise
+            self._post_process(lane, batch, outcomes)
 
     async def _gather(self, lane: _Lane, batch: list[_Waiting], limit: int) -> None:
         if limit <= 1:
@@ -182,12 +236,16 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lane.arrived.wait(), remaining)
 
-    async def _run_batch(self, air: str, backend: Backend, batch: list[_Waiting]) -> None:
+    async def _run_batch(self, air: str, backend: Backend, batch: list[_Waiting]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         sinks = {w.job.job_id: w.sink for w in batch}
+        throttle = ProgressThrottle(self._progress_period_s, self._clock)
 
         def progress(jobs: Sequence[GenerationJob], percent: int) -> None:
-            # Called from backend threads: hop onto the loop.
+            # Called from backend threads: throttled there, then a hop onto the loop.
+            if not throttle.allow():
+                return
+
             def report() -> None:
                 for job in jobs:
                     sink = sinks.get(job.job_id)
@@ -217,8 +275,33 @@ class Scheduler:
         finally:
             self.busy_since = None
         self._observe(air, len(jobs), time.monotonic() - started)
-        for waiting, outcome in zip(batch, outcomes, strict=True):
-            await self._deliver(waiting, outcome)
+        return outcomes
+
+    def _post_process(
+        self, lane: _Lane, batch: list[_Waiting], outcomes: Sequence[Outcome]
+    ) -> None:
+        """Hand a batch's outcomes to their sinks beside the next batch's generation; the
+        lane's post slot taken for it is given back when they are all delivered."""
+
+        async def deliver_all() -> None:
+            try:
+                for waiting, outcome in zip(batch, outcomes, strict=True):
+                    await self._deliver(waiting, outcome)
+            finally:
+                assert lane.post_slots is not None
+                lane.post_slots.release()
+
+        task = asyncio.create_task(deliver_all(), name=f"outcomes {lane.air}")
+        lane.post.add(task)
+        task.add_done_callback(lane.post.discard)
+
+    async def drain(self) -> None:
+        """Wait until every finished batch's outcomes are delivered (tests, shutdown)."""
+        while True:
+            pending = [task for lane in self._lanes.values() for task in lane.post]
+            if not pending:
+                return
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _fail(self, batch: list[_Waiting], error: ImpastoError) -> None:
         for waiting in batch:
@@ -236,7 +319,15 @@ class Scheduler:
         for lane in self._lanes.values():
             for runner in lane.runners:
                 runner.cancel()
+        # Images already made are worth storing: give their post-processing a moment, then
+        # stop it (a restart re-runs the generations whose outcome was not recorded).
+        pending = [task for lane in self._lanes.values() for task in lane.post]
+        if pending:
+            await asyncio.wait(pending, timeout=self._close_grace_s)
         for lane in self._lanes.values():
-            await asyncio.gather(*lane.runners, return_exceptions=True)
+            for task in lane.post:
+                task.cancel()
+        for lane in self._lanes.values():
+            await asyncio.gather(*lane.runners, *lane.post, return_exceptions=True)
             if lane.backend is not None:
                 await lane.backend.close()

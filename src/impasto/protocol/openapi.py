@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from impasto.protocol.tasks import TASK_MODELS
+from impasto.protocol.parsing import TASK_MODELS
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 ERROR_ITEM = "ErrorItem"

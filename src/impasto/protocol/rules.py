@@ -70,6 +70,7 @@ MODE_PARAMETERS = frozenset(
         "embeddings",
         "clipSkip",
         "promptWeighting",
+        "acceleratorOptions",
     }
 )
 GENERATION_PARAMETERS = SAMPLING_PARAMETERS | MODE_PARAMETERS
@@ -88,7 +89,6 @@ KNOWN_UNSUPPORTED_PARAMETERS = frozenset(
         "hiresFix",
         "lycoris",
         "photoMaker",
-        "acceleratorOptions",
         "acceleration",
         "advancedFeatures",
         "ultralytics",

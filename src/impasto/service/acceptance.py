@@ -31,7 +31,7 @@ from impasto.protocol.errors import (
     code_name,
 )
 from impasto.protocol.tasks import ImageInferenceIn, check_against_rules
-from impasto.service.assets import check_assets, check_model_kind
+from impasto.service.assets import check_accelerators, check_assets, check_model_kind
 from impasto.service.completion import TaskCompletion
 from impasto.service.images import ImageInput, ImageResolver, storable, store_image
 from impasto.service.jobs import LocalRunner, seeds_for
@@ -133,6 +133,7 @@ class TaskAcceptance:
         check_model_kind(resolved)
         check_against_rules(task, resolved.rules)
         check_assets(task, self._registry, resolved)
+        check_accelerators(task, resolved)
         weighting = task.weighting()
         if weighting is not None:
             check_weighting(task, weighting)
@@ -157,7 +158,10 @@ class TaskAcceptance:
     async def submit(self, task: ImageInferenceIn, owner: str | None = None) -> None:
         """Validate, store the inputs, persist and schedule; after this the task is accepted."""
         resolved = self.validate(task)
-        if await self._state.get_task(task.taskUUID) is not None:
+        slots = slots_of(task)
+        # A used taskUUID is refused before any input image is fetched and stored; without
+        # inputs, creating the task refuses it (one state round trip fewer).
+        if slots and await self._state.get_task(task.taskUUID) is not None:
             raise ConflictTaskUUID(
                 f"taskUUID {task.taskUUID} was already used; fetch its results with getResponse "
                 "or send a new taskUUID.",
@@ -165,7 +169,6 @@ class TaskAcceptance:
             )
         await self._check_capacity(resolved, task.numberResults)
         await self._vet_destinations(task)
-        slots = slots_of(task)
         inputs = await resolve_slots(self._resolver, slots)
         check_inputs(task, slots, inputs, resolved.rules.sizes)
         images = task_images(task, slots, inputs)

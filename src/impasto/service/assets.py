@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from impasto.backends.registry import ModelEntry, ModelRegistry, ResolvedModel
+from impasto.protocol.accelerators import accelerator_problems
 from impasto.protocol.errors import InvalidParameter
 from impasto.protocol.tasks import ImageInferenceIn
 
@@ -48,6 +49,19 @@ _USE = {
     "vae": "vae",
     "embeddings": "embeddings[].model",
 }
+
+
+def check_accelerators(task: ImageInferenceIn, resolved: ResolvedModel) -> None:
+    """acceleratorOptions: one caching method, a window in order, and a method the model's
+    denoiser has (DeepCache for UNets, First Block Cache and TeaCache for transformers)."""
+    if task.acceleratorOptions is None:
+        return
+    for parameter, code, message in accelerator_problems(
+        task.acceleratorOptions, resolved.target.architecture
+    ):
+        raise InvalidParameter(
+            f"Invalid value for {parameter} parameter: {message}.", code=code, parameter=parameter
+        )
 
 
 def check_assets(task: ImageInferenceIn, registry: ModelRegistry, resolved: ResolvedModel) -> None:

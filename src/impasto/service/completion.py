@@ -120,12 +120,12 @@ class TaskCompletion:
     async def maybe_finish(self, task_uuid: str) -> None:
         """Finish the task once every generation is stored and every upload has settled; a
         task with failures then sends one webhook with its distinct errors. Announces."""
-        record = await self._state.get_task(task_uuid)
-        if record is None or record.status != "processing":
+        view = await self._state.task_view(task_uuid)
+        if view is None or view.task.status != "processing":
             await self._announce(task_uuid)
             return
-        results = await self._state.results(task_uuid)
-        uploads = await self.uploads(task_uuid)
+        record, results = view.task, view.results
+        uploads = [d for d in view.deliveries if d.kind == "upload"]
         if len(results) < record.expected or any(d.status == "pending" for d in uploads):
             await self._announce(task_uuid)
             return
@@ -185,13 +185,13 @@ class TaskCompletion:
         seen: set[int] = set()
         deadline = self._clock() + timeout
         while True:
-            # Status first, then results: a task seen finished has all its results stored.
-            task = await self._state.get_task(task_uuid)
-            for result in await self._state.results(task_uuid):
+            # Status and results in one read: a task seen finished has all its results stored.
+            view = await self._state.task_view(task_uuid)
+            for result in view.results if view is not None else ():
                 if result.index not in seen:
                     seen.add(result.index)
                     yield result
-            if task is None or task.status != "processing":
+            if view is None or view.task.status != "processing":
                 return
             remaining = deadline - self._clock()
             if remaining <= 0:

@@ -22,18 +22,15 @@ from impasto.protocol.errors import (
     TooManyTasks,
     http_status_for,
 )
+from impasto.protocol.parsing import TASK_MODELS, TaskIn, parse_task, task_context
 from impasto.protocol.results import ack_item
 from impasto.protocol.tasks import (
-    TASK_MODELS,
     AuthenticationIn,
     GetResponseIn,
     ImageInferenceIn,
     ImageUploadIn,
     ModelSearchIn,
     PingIn,
-    TaskIn,
-    parse_task,
-    task_context,
 )
 from impasto.protocol.utility import (
     ControlNetPreprocessIn,
@@ -272,7 +269,11 @@ class TaskDispatcher:
                     if (error.code, error.message) not in seen:
                         seen.add((error.code, error.message))
                         yield Envelope(errors=[after_acceptance(error)])
-                failures = await self._inference.upload_failures(task.taskUUID)
+                failures = (
+                    await self._inference.upload_failures(task.taskUUID)
+                    if task.uploadEndpoint
+                    else []
+                )
             except ImpastoError as exc:
                 # SyncTimeout, or the state store went away while we waited: the task is
                 # accepted and goes on; getResponse has its results.

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from PIL import Image
 
 from impasto.backends.base import (
     AdapterUse,
+    CacheUse,
     ControlUse,
     EmbeddingUse,
     GenerationJob,
@@ -20,6 +22,13 @@ from impasto.backends.base import (
 )
 from impasto.backends.registry import ResolvedModel
 from impasto.engine.scheduler import Scheduler
+from impasto.protocol.accelerators import (
+    DEEPCACHE_BRANCH,
+    DEEPCACHE_INTERVAL,
+    FBCACHE_DISTANCE,
+    TEACACHE_DISTANCE,
+    AcceleratorOptionsIn,
+)
 from impasto.protocol.fields import MAX_RANDOM_SEED, MAX_SEED
 from impasto.protocol.modes import ControlNetIn
 from impasto.protocol.tasks import ImageInferenceIn
@@ -44,6 +53,37 @@ def preprocess_guide(image: Image.Image, control: ControlNetIn) -> Image.Image:
     from impasto.service.guides import canny
 
     return canny(image, control.lowThresholdCanny, control.highThresholdCanny)
+
+
+def cache_use(options: AcceleratorOptionsIn | None) -> CacheUse | None:
+    """The step cache acceleratorOptions switch on (validated: at most one), if any."""
+    if options is None or not options.methods():
+        return None
+    method = options.methods()[0]
+    use = CacheUse(
+        method.lower(),
+        start_step=options.cacheStartStep,
+        stop_step=options.cacheStopStep,
+        start_percent=options.cacheStartStepPercentage,
+        end_percent=options.cacheEndStepPercentage,
+        max_consecutive=options.cacheMaxConsecutiveSteps,
+    )
+    if method == "deepCache":
+        branch = options.deepCacheBranchId
+        return replace(
+            use,
+            interval=options.deepCacheInterval or DEEPCACHE_INTERVAL,
+            branch=DEEPCACHE_BRANCH if branch is None else branch,
+            skip_mode=options.deepCacheSkipMode or "uniform",
+        )
+    # Each method has its own distance; the other one's is taken when only it is given.
+    own, other, default = (
+        (options.cacheDistance, options.teaCacheDistance, FBCACHE_DISTANCE)
+        if method == "fbcache"
+        else (options.teaCacheDistance, options.cacheDistance, TEACACHE_DISTANCE)
+    )
+    distance = own if own is not None else other
+    return replace(use, threshold=default if distance is None else distance)
 
 
 def image_modes(task: ImageInferenceIn, images: TaskImages) -> dict[str, Any]:
@@ -112,6 +152,7 @@ def image_modes(task: ImageInferenceIn, images: TaskImages) -> dict[str, Any]:
         ),
         "clip_skip": task.clipSkip or None,
         "prompt_weighting": task.weighting(),
+        "cache": cache_use(task.acceleratorOptions),
     }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from impasto.backends.base import GeneratedImage, GenerationJob, Outcome
 from impasto.backends.registry import ResolvedModel
-from impasto.delivery.codecs import encode_image
+from impasto.delivery.codecs import EncodedImage, encode_image
 from impasto.delivery.outbox import new_delivery
 from impasto.logcontext import current_task
 from impasto.protocol.errors import (
@@ -166,31 +166,38 @@ class OutcomeRecorder:
                     parameter="safety.checkContent",
                 )
             nsfw = verdict.nsfw
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            self._encode_pool, encode_image, generated.image, task.outputFormat, task.outputQuality
-        )
         image_uuid = str(uuid.uuid4())
-        key = f"{image_uuid}.{encoded.extension}"
-        await self._images.put(key, encoded.data, encoded.content_type)
+        # A store that writes in the calling thread (local files) is written by the encoder's
+        # thread: one hop for encoding and storing.
+        put_now: Callable[[str, bytes, str], None] | None = getattr(self._images, "put_now", None)
+
+        def encode_and_store() -> tuple[EncodedImage, str]:
+            encoded = encode_image(generated.image, task.outputFormat, task.outputQuality)
+            key = f"{image_uuid}.{encoded.extension}"
+            if put_now is not None:
+                put_now(key, encoded.data, encoded.content_type)
+            return encoded, key
+
+        loop = asyncio.get_running_loop()
+        encoded, key = await loop.run_in_executor(self._encode_pool, encode_and_store)
+        if put_now is None:
+            await self._images.put(key, encoded.data, encoded.content_type)
         # Whether this copy is (or may be) the stored one; an add_result that raised may still
-        # have been written (a connection cut after the command), so its image is kept and the
-        # image record's expiry cleans it up if it was not.
+        # have been written (a connection cut after the command): its image is kept while its
+        # record exists, and the record's expiry cleans it up if the result was not stored.
         keep = False
         try:
             expires_at = now + (task.ttl or self._output_retention_s)
-            await self._state.put_image(
-                ImageRecord(
-                    image_uuid=image_uuid,
-                    key=key,
-                    content_type=encoded.content_type,
-                    kind="output",
-                    width=encoded.width,
-                    height=encoded.height,
-                    created_at=now,
-                    expires_at=expires_at,
-                    task_uuid=task.taskUUID,
-                )
+            image_record = ImageRecord(
+                image_uuid=image_uuid,
+                key=key,
+                content_type=encoded.content_type,
+                kind="output",
+                width=encoded.width,
+                height=encoded.height,
+                created_at=now,
+                expires_at=expires_at,
+                task_uuid=task.taskUUID,
             )
             cost = None
             if task.includeCost:
@@ -241,7 +248,14 @@ class OutcomeRecorder:
                     )
                 )
             keep = True
-            stored = await self._state.add_result(record, deliveries)
+            try:
+                stored = await self._state.add_result(record, deliveries, image=image_record)
+            except Exception:
+                # Written or not? A result is only stored with its image record (or after it),
+                # so a copy without a record is named by nothing and goes.
+                with contextlib.suppress(Exception):
+                    keep = await self._state.get_image(image_uuid) is not None
+                raise
             keep = stored
             if stored and deliveries:
                 self._wake_outbox()

@@ -14,6 +14,7 @@ from impasto.state.records import (
     ResultRecord,
     TaskRecord,
     TaskStatus,
+    TaskView,
 )
 
 
@@ -48,13 +49,21 @@ class StateStore(Protocol):
         """Merge backend bookkeeping into the task's `extra`."""
 
     async def add_result(
-        self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
+        self,
+        result: ResultRecord,
+        deliveries: Sequence[DeliveryRecord] = (),
+        image: ImageRecord | None = None,
     ) -> bool:
         """Store one result and queue its deliveries, atomically; False (and nothing changed)
-        if that index is already stored."""
+        if that index is already stored. `image` (the result's output image) is recorded
+        with it; a store that cannot do both in one step records the image first."""
 
     async def results(self, task_uuid: str) -> list[ResultRecord]:
         """All stored results of a task, by index."""
+
+    async def task_view(self, task_uuid: str) -> TaskView | None:
+        """The task, its results by index and its deliveries oldest first, read at once;
+        None if the task is unknown or swept."""
 
     async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
         """Record how far generation `index` of a task is (0-100)."""

@@ -77,3 +77,12 @@ class DeliveryRecord:
     status: DeliveryStatus = "pending"
     last_error: dict[str, Any] | None = None
     then: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task with its results and deliveries, read together (one round trip)."""
+
+    task: TaskRecord
+    results: list[ResultRecord]
+    deliveries: list[DeliveryRecord]

@@ -65,6 +65,7 @@ from impasto.state.records import (
     ResultStatus,
     TaskRecord,
     TaskStatus,
+    TaskView,
 )
 from impasto.state.redis_errors import (
     RedisFailures,
@@ -251,6 +252,22 @@ def _task_fields(task: TaskRecord) -> list[str]:
     if task.finished_at is not None:
         fields["finished_at"] = _float(task.finished_at)
     return [part for pair in fields.items() for part in pair]
+
+
+def _results(task_uuid: str, stored: dict[str, str]) -> list[ResultRecord]:
+    records = []
+    for index in sorted(stored, key=int):
+        value = json.loads(stored[index])
+        records.append(
+            ResultRecord(
+                task_uuid=task_uuid,
+                index=int(index),
+                status=cast(ResultStatus, value["status"]),
+                item=value["item"],
+                created_at=float(value["created_at"]),
+            )
+        )
+    return records
 
 
 def _task(task_uuid: str, h: dict[str, str]) -> TaskRecord:
@@ -520,9 +537,16 @@ class RedisStateStore:
 
     @guarded
     async def add_result(
-        self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
+        self,
+        result: ResultRecord,
+        deliveries: Sequence[DeliveryRecord] = (),
+        image: ImageRecord | None = None,
     ) -> bool:
-        """Store a result unless its index is stored, and queue its deliveries, in one script."""
+        """Store a result unless its index is stored, and queue its deliveries, in one script.
+        Its image is recorded just before (a result that loses a race leaves an image record
+        that its expiry sweeps, as a separate put_image would)."""
+        if image is not None:
+            await self.put_image(image)
         encoded = json.dumps(
             {"status": result.status, "item": result.item, "created_at": result.created_at}
         )
@@ -537,19 +561,20 @@ class RedisStateStore:
     async def results(self, task_uuid: str) -> list[ResultRecord]:
         """All stored results of a task, by index."""
         stored: dict[str, str] = await self._redis.hgetall(self._results_key(task_uuid))
-        records = []
-        for index in sorted(stored, key=int):
-            value = json.loads(stored[index])
-            records.append(
-                ResultRecord(
-                    task_uuid=task_uuid,
-                    index=int(index),
-                    status=cast(ResultStatus, value["status"]),
-                    item=value["item"],
-                    created_at=float(value["created_at"]),
-                )
-            )
-        return records
+        return _results(task_uuid, stored)
+
+    @guarded
+    async def task_view(self, task_uuid: str) -> TaskView | None:
+        """The task, its results and its deliveries: two round trips."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._task_key(task_uuid))
+            pipe.hgetall(self._results_key(task_uuid))
+            pipe.lrange(self._task_deliveries_key(task_uuid), 0, -1)
+            fields, stored, ids = await pipe.execute()
+        if not fields:
+            return None
+        deliveries = await self._deliveries_of(ids) if ids else []
+        return TaskView(_task(task_uuid, fields), _results(task_uuid, stored), deliveries)
 
     @guarded
     async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
@@ -581,6 +606,9 @@ class RedisStateStore:
     async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
         """Every delivery of a task, by created_at then index (None first), like SQLite."""
         ids: list[str] = await self._redis.lrange(self._task_deliveries_key(task_uuid), 0, -1)
+        return await self._deliveries_of(ids)
+
+    async def _deliveries_of(self, ids: list[str]) -> list[DeliveryRecord]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for delivery_id in ids:
                 pipe.hgetall(self._delivery_key(delivery_id))

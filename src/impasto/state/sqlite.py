@@ -29,6 +29,7 @@ from impasto.state.records import (
     ResultRecord,
     TaskRecord,
     TaskStatus,
+    TaskView,
 )
 
 T = TypeVar("T")
@@ -132,6 +133,24 @@ def _delivery(row: sqlite3.Row) -> DeliveryRecord:
         then=json.loads(row["then_json"]) if row["then_json"] else None,
         created_at=row["created_at"],
         next_attempt_at=row["next_attempt_at"],
+    )
+
+
+def _insert_image(conn: sqlite3.Connection, image: ImageRecord) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO images (image_uuid, key, content_type, kind, width,"
+        " height, task_uuid, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+        (
+            image.image_uuid,
+            image.key,
+            image.content_type,
+            image.kind,
+            image.width,
+            image.height,
+            image.task_uuid,
+            image.created_at,
+            image.expires_at,
+        ),
     )
 
 
@@ -355,7 +374,10 @@ class SqliteStateStore:
         await self._run(update)
 
     async def add_result(
-        self, result: ResultRecord, deliveries: Sequence[DeliveryRecord] = ()
+        self,
+        result: ResultRecord,
+        deliveries: Sequence[DeliveryRecord] = (),
+        image: ImageRecord | None = None,
     ) -> bool:
         def insert() -> bool:
             with self._db:
@@ -373,6 +395,8 @@ class SqliteStateStore:
                 )
                 if cursor.rowcount != 1:
                     return False
+                if image is not None:
+                    _insert_image(self._db, image)
                 _insert_deliveries(self._db, deliveries)
                 return True
 
@@ -382,20 +406,41 @@ class SqliteStateStore:
         return stored
 
     async def results(self, task_uuid: str) -> list[ResultRecord]:
-        def select() -> list[ResultRecord]:
-            rows = self._db.execute(
-                "SELECT * FROM results WHERE task_uuid = ? ORDER BY idx", (task_uuid,)
-            ).fetchall()
-            return [
-                ResultRecord(
-                    task_uuid=row["task_uuid"],
-                    index=row["idx"],
-                    status=row["status"],
-                    item=json.loads(row["item"]),
-                    created_at=row["created_at"],
-                )
-                for row in rows
-            ]
+        return await self._run(lambda: self._results(task_uuid))
+
+    def _results(self, task_uuid: str) -> list[ResultRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM results WHERE task_uuid = ? ORDER BY idx", (task_uuid,)
+        ).fetchall()
+        return [
+            ResultRecord(
+                task_uuid=row["task_uuid"],
+                index=row["idx"],
+                status=row["status"],
+                item=json.loads(row["item"]),
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    def _deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM deliveries WHERE task_uuid = ? ORDER BY created_at, idx",
+            (task_uuid,),
+        ).fetchall()
+        return [_delivery(row) for row in rows]
+
+    async def task_view(self, task_uuid: str) -> TaskView | None:
+        def select() -> TaskView | None:
+            # One read transaction: the three reads see the same moment.
+            with self._db:
+                self._db.execute("BEGIN")
+                row = self._db.execute(
+                    "SELECT * FROM tasks WHERE task_uuid = ?", (task_uuid,)
+                ).fetchone()
+                if row is None:
+                    return None
+                return TaskView(_task(row), self._results(task_uuid), self._deliveries(task_uuid))
 
         return await self._run(select)
 
@@ -415,14 +460,7 @@ class SqliteStateStore:
         return await self._run(select)
 
     async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
-        def select() -> list[DeliveryRecord]:
-            rows = self._db.execute(
-                "SELECT * FROM deliveries WHERE task_uuid = ? ORDER BY created_at, idx",
-                (task_uuid,),
-            ).fetchall()
-            return [_delivery(row) for row in rows]
-
-        return await self._run(select)
+        return await self._run(lambda: self._deliveries(task_uuid))
 
     async def claim_deliveries(
         self, now: float, limit: int, lease_s: float
@@ -487,23 +525,7 @@ class SqliteStateStore:
         return await self._run(update)
 
     async def put_image(self, image: ImageRecord) -> None:
-        await self._run(
-            lambda: self._db.execute(
-                "INSERT OR REPLACE INTO images (image_uuid, key, content_type, kind, width,"
-                " height, task_uuid, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    image.image_uuid,
-                    image.key,
-                    image.content_type,
-                    image.kind,
-                    image.width,
-                    image.height,
-                    image.task_uuid,
-                    image.created_at,
-                    image.expires_at,
-                ),
-            )
-        )
+        await self._run(lambda: _insert_image(self._db, image))
 
     async def get_image(self, image_uuid: str) -> ImageRecord | None:
         def select() -> ImageRecord | None:

@@ -94,9 +94,14 @@ class LocalImageStore:
         return removed
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self.put_now, key, data, content_type)
+
+    def put_now(self, key: str, data: bytes, content_type: str) -> None:
+        """`put` in the calling thread: the encoder's thread writes what it just encoded,
+        without a hop through another thread."""
         path = self._path(key)
         try:
-            await asyncio.to_thread(self._write, path, data)
+            self._write(path, data)
         except OSError as exc:
             raise storage_error(exc, "store") from exc
 
