@@ -174,7 +174,10 @@ class TaskDispatcher:
         if len(tasks) > self.max_tasks:
             return Envelope(errors=[too_many_tasks(len(tasks), self.max_tasks)])
         owner = self.auth.owner(key)
-        results = await asyncio.gather(*(self.handle_task(raw, owner) for raw in tasks))
+        if len(tasks) == 1:
+            results = [await self.handle_task(tasks[0], owner)]
+        else:
+            results = await asyncio.gather(*(self.handle_task(raw, owner) for raw in tasks))
         envelope = Envelope()
         for result in results:
             envelope.extend(result)
