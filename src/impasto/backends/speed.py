@@ -2,7 +2,7 @@
 the attention backend, fp8 weights, torch.compile (regional, cached on disk, CUDA graphs), and
 VAE tiling and slicing per call.
 
-Each option is off unless it is lossless and was on before (only `channels_last`), and each
+Each option is off unless it is lossless and proven (only `channels_last`, on CUDA), and each
 fails soft: an option the device, the installed packages or the model cannot take is skipped
 with the reason (logged at WARNING, kept in the `SpeedReport`), and the pipeline runs eager
 with diffusers' defaults. docs/speed.md describes every setting.
@@ -61,7 +61,11 @@ def apply_speed_settings(
         report.skip(key, f"invalid setting: {problem}")
     denoiser = denoiser_of(pipeline)
     steps: list[tuple[str, bool, Callable[[], str]]] = [
-        ("channels_last", speed.channels_last, lambda: _channels_last(pipeline)),
+        (
+            "channels_last",
+            device.startswith("cuda") if speed.channels_last is None else speed.channels_last,
+            lambda: _channels_last(pipeline),
+        ),
         ("fuse_qkv", speed.fuse_qkv, lambda: _fuse_qkv(pipeline, denoiser)),
         (
             "attention_backend",

@@ -67,7 +67,8 @@ class SpeedSettings:
     attention_backend: str | None = None
     quantize: str | None = None
     fuse_qkv: bool = False
-    channels_last: bool = True
+    # None: on for CUDA devices, off on the CPU (measured 7 % slower there, see docs/speed.md).
+    channels_last: bool | None = None
     vae_slicing: bool = False
     vae_tiling: bool = False
     vae_tiling_min_pixels: int = DEFAULT_TILING_MIN_PIXELS
