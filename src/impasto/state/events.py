@@ -18,10 +18,13 @@ class LocalSubscription:
         self._event.set()
 
     async def wait(self, timeout: float | None) -> bool:
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            return False
+        # asyncio.timeout, not wait_for: no task of its own per wait (Python 3.11).
+        if not self._event.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
+            except TimeoutError:
+                return False
         self._event.clear()
         return True
 
