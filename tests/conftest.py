@@ -40,6 +40,14 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tiny_models_dir: Path) -> Path:
+    """The tiny FLUX pipeline, built once into the shared models dir (servers find it there)."""
+    from impasto.backends.tiny_flux import ensure_tiny_flux
+
+    return ensure_tiny_flux(tiny_models_dir / "impasto-tiny-flux")
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline_dir(tiny_models_dir: Path) -> Path:
     """The saved tiny pipeline itself (what the tiny assets are built for)."""

@@ -24,7 +24,6 @@ from impasto.backends.step_caches import (
     plan_of,
     step_cache,
 )
-from impasto.backends.tiny_flux import ensure_tiny_flux
 
 PROMPT = "a lighthouse at dusk"
 
@@ -32,11 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def flux(tiny_flux_dir: Path) -> Any:
     from diffusers import FluxPipeline
 
-    directory = ensure_tiny_flux(tmp_path_factory.mktemp("flux") / "impasto-tiny-flux")
-    pipeline = FluxPipeline.from_pretrained(directory)
+    pipeline = FluxPipeline.from_pretrained(tiny_flux_dir)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

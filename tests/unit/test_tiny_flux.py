@@ -26,15 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("flux-models")
-    ensure_tiny_flux(root / "impasto-tiny-flux")
-    return root
+def models_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir.parent
 
 
 @pytest.fixture(scope="module")
-def flux_dir(models_dir: Path) -> Path:
-    return models_dir / "impasto-tiny-flux"
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture
