@@ -3,7 +3,7 @@
 (`impasto serve` / `impasto worker` processes), and a server whose disk fills up.
 
 What must hold: no 500 and no dropped connection; the outage or the full disk is reported
-(503 with a code and Retry-After, /healthz 503 with its problems); every accepted task ends
+(503 with a code and Retry-After, /readyz 503 with its problems); every accepted task ends
 (success or an error item with a code) within a bounded time without restarting anything; the
 outbox survives the outage; nothing half-written is left behind."""
 
@@ -99,7 +99,7 @@ class Deployment:
         self.redis = redis
         self.prefix = prefix
         self.base = f"http://127.0.0.1:{api_port}"
-        self.worker_health = f"http://127.0.0.1:{worker_port}/healthz"
+        self.worker_health = f"http://127.0.0.1:{worker_port}/readyz"
 
     def outage_begins(self) -> float:
         self.redis.stop()
@@ -129,14 +129,14 @@ def deployment(
     }
     api = ServerProcess(free_port(), env, root / "api.log")
     worker_port = free_port()
-    # Loaded before its /healthz answers, while the API node starts.
+    # Loaded before its /readyz answers, while the API node starts.
     worker_env = {**env, "IMPASTO_WORKER_PORT": str(worker_port), "IMPASTO_PRELOAD": TINY}
     worker = ImpastoProcess(["worker", "--model", TINY], worker_env, root / "worker.log")
     try:
         worker.start()  # starts up while the API node does
         api.start()
         running = Deployment(redis, prefix, api.port, worker_port)
-        eventually(lambda: healthy(running.worker_health), 90, "the worker answering /healthz")
+        eventually(lambda: healthy(running.worker_health), 90, "the worker ready (/readyz)")
         yield running
     finally:
         worker.stop()
@@ -163,7 +163,7 @@ def test_tasks_in_flight_through_a_redis_restart_all_end_and_health_recovers(
     try:
         # The API node says what is wrong, fast, and keeps answering.
         reply = eventually(
-            lambda: (r := health(f"{base}/healthz")) is not None and r.status_code == 503 and r,
+            lambda: (r := health(f"{base}/readyz")) is not None and r.status_code == 503 and r,
             20,
             "the API node reporting the outage",
         )
@@ -182,7 +182,7 @@ def test_tasks_in_flight_through_a_redis_restart_all_end_and_health_recovers(
         assert int(refused.headers["Retry-After"]) > 0
         # Keep it down a while, asking for health meanwhile: every answer is a 503 with problems.
         while time.monotonic() - down_at < OUTAGE_S:
-            answer = health(f"{base}/healthz")
+            answer = health(f"{base}/readyz")
             assert answer is not None, "the API node dropped a health check"
             assert answer.status_code == 503, answer.text
             assert answer.json()["problems"]
@@ -194,7 +194,7 @@ def test_tasks_in_flight_through_a_redis_restart_all_end_and_health_recovers(
         items = eventually(lambda b=body: ended(base, b["taskUUID"]), RECOVERY_S, "the task ending")
         assert len(items) == 2, items
         assert_ended_clearly(items)
-    eventually(lambda: healthy(f"{base}/healthz"), 30, "the API node healthy again")
+    eventually(lambda: healthy(f"{base}/readyz"), 30, "the API node healthy again")
     eventually(lambda: healthy(deployment.worker_health), 30, "the worker healthy again")
     # The refused task was never accepted: its taskUUID is still free. A client that retries
     # as told (503 + Retry-After) gets it accepted, and it runs.
@@ -245,7 +245,7 @@ def test_a_webhook_pending_when_redis_stops_is_delivered_once_it_is_back(
     down_at = deployment.outage_begins()
     try:
         eventually(
-            lambda: (r := health(f"{base}/healthz")) is not None and r.status_code == 503,
+            lambda: (r := health(f"{base}/readyz")) is not None and r.status_code == 503,
             20,
             "the API node reporting the outage",
         )
@@ -261,7 +261,7 @@ def test_a_webhook_pending_when_redis_stops_is_delivered_once_it_is_back(
     assert '"imageUUID"' in payload, payload
     final = eventually(lambda: ended(base, body["taskUUID"]), 30, "the task's results")
     assert [i["status"] for i in final] == ["success"]
-    eventually(lambda: healthy(f"{base}/healthz"), 30, "the API node healthy again")
+    eventually(lambda: healthy(f"{base}/readyz"), 30, "the API node healthy again")
 
 
 def test_the_first_calls_after_a_redis_restart_succeed(tmp_path: Path) -> None:
@@ -399,4 +399,4 @@ def test_a_full_disk_fails_tasks_with_storage_full_and_recovers_without_restart(
     assert again.status_code == 200, again.text
     assert len({i["imageUUID"] for i in again.json()["data"]}) == 2, again.text
     assert temp_files(disk_fault.images_dir) == []
-    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200

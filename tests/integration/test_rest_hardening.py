@@ -422,6 +422,10 @@ def healthz(server: RunningServer) -> httpx.Response:
     return httpx.get(f"{server.base}/healthz", timeout=30)
 
 
+def readyz(server: RunningServer) -> httpx.Response:
+    return httpx.get(f"{server.base}/readyz", timeout=30)
+
+
 def test_healthz_fails_while_a_supervised_loop_is_down_and_recovers(
     server_factory: ServerFactory,
 ) -> None:
@@ -447,14 +451,16 @@ def test_healthz_fails_while_a_supervised_loop_is_down_and_recovers(
     heal = server.call(install())
 
     def down() -> bool:
-        response = healthz(server)
-        return response.status_code == 503 and any(
-            "flaky" in p for p in response.json().get("problems", [])
+        live, ready = healthz(server), readyz(server)
+        return all(
+            r.status_code == 503 and any("flaky" in p for p in r.json().get("problems", []))
+            for r in (live, ready)
         )
 
     wait_until(down, what="/healthz to report the loop down")
     server.call(heal())
     wait_until(lambda: healthz(server).status_code == 200, what="/healthz to recover")
+    assert readyz(server).status_code == 200
     assert runtime.supervisor.states()["flaky"].restarts >= 1
 
 
@@ -469,16 +475,19 @@ def test_healthz_fails_while_the_outbox_loop_is_stuck(server_factory: ServerFact
     response = healthz(server)
     assert response.status_code == 503
     assert any("outbox" in p for p in response.json()["problems"])
+    assert response.json()["checks"]["loops"] == response.json()["problems"]
+    assert readyz(server).status_code == 503
     outbox.last_pass_at = passed
     assert healthz(server).status_code == 200
 
 
-def test_healthz_fails_while_the_state_store_is_unreachable(
+def test_readyz_fails_while_the_state_store_is_unreachable_and_healthz_does_not(
     server_factory: ServerFactory,
 ) -> None:
+    """A store that is away is not fixed by restarting the process: not ready, but alive."""
     server = server_factory(safety_checker="none")
     store = server.runtime().state
-    assert healthz(server).status_code == 200
+    assert readyz(server).status_code == 200
     dead = sqlite3.connect(":memory:", check_same_thread=False)
     dead.close()
 
@@ -488,9 +497,30 @@ def test_healthz_fails_while_the_state_store_is_unreachable(
 
     original = server.call(swap(dead))
     try:
-        response = healthz(server)
+        response = readyz(server)
         assert response.status_code == 503, response.text
         assert any("state store" in p for p in response.json()["problems"]), response.text
+        assert response.json()["checks"]["state"] != "ok"
+        assert response.json()["checks"]["events"] == "ok"
+        assert healthz(server).status_code == 200
     finally:
         server.call(swap(original))
-    assert healthz(server).status_code == 200
+    assert readyz(server).status_code == 200
+
+
+def test_readyz_waits_for_preloaded_models_and_lists_its_checks(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(safety_checker="none", preload=["impasto:tiny@1"])
+    wait_until(lambda: readyz(server).status_code == 200, what="the preloaded model")
+    body = readyz(server).json()
+    assert body["status"] == "ok"
+    assert body["checks"] == {
+        "loops": "ok",
+        "state": "ok",
+        "events": "ok",
+        "storage": "ok",
+        "models": "ok",
+    }
+    # Loaded before any task asked for it.
+    assert server.runtime().scheduler.backend_of("impasto:tiny@1") is not None

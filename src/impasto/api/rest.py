@@ -147,15 +147,32 @@ async def get_image(name: str, request: Request) -> Response:
     )
 
 
-@router.get("/healthz", summary="200 while the server can accept and finish tasks, else 503")
+@router.get(
+    "/healthz", summary="Liveness: 200 while the process works, 503 when a restart would help"
+)
 async def healthz(request: Request) -> Response:
     runtime = runtime_of(request)
-    problems = await runtime.problems()
+    return probe_response(runtime, {"loops": runtime.liveness_problems()})
+
+
+@router.get("/readyz", summary="Readiness: 200 while the server can accept and finish tasks")
+async def readyz(request: Request) -> Response:
+    runtime = runtime_of(request)
+    return probe_response(runtime, await runtime.readiness())
+
+
+def probe_response(runtime: Runtime, checks: dict[str, list[str]]) -> Response:
+    """`{"status", "checks": {name: "ok" | [problems]}, "problems"}`: 503 when any fails."""
+    problems = [line for lines in checks.values() for line in lines]
     body: dict[str, Any] = {
         "status": "unavailable" if problems else "ok",
+        "role": runtime.role,
         "uptime_s": round(time.time() - runtime.started_at, 3),
         "queued_jobs": runtime.scheduler.queued(),
+        "checks": {name: lines or "ok" for name, lines in checks.items()},
     }
+    if runtime.worker is not None:
+        body.update(runtime.worker.stats())
     if problems:
         body["problems"] = problems
     return EnvelopeResponse(body, status_code=503 if problems else 200)

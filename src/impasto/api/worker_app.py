@@ -1,12 +1,11 @@
-"""The small HTTP face of `impasto worker`: liveness and metrics for orchestrators."""
+"""The small HTTP face of `impasto worker`: liveness, readiness and metrics for orchestrators."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from impasto.api.rest import probe_response
 from impasto.service.runtime import Runtime
 
 
@@ -15,15 +14,11 @@ def create_worker_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        worker = runtime.worker
-        problems = await runtime.problems()
-        body: dict[str, Any] = {
-            "status": "unavailable" if problems else "ok",
-            **(worker.stats() if worker else {}),
-        }
-        if problems:
-            body["problems"] = problems
-        return JSONResponse(body, status_code=503 if problems else 200)
+        return probe_response(runtime, {"loops": runtime.liveness_problems()})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return probe_response(runtime, await runtime.readiness())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -39,6 +39,7 @@ from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
 from impasto.service.models import ModelSearchService
+from impasto.service.preload import Preloader
 from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.safety import load_content_safety
@@ -126,25 +127,40 @@ class Runtime:
     supervisor: Supervisor
     outbox: Outbox
     started_at: float
+    preload: Preloader
     role: Role = "single"
     worker: Worker | None = None
 
-    async def problems(self) -> list[str]:
-        """Why this process cannot do its job right now; empty when healthy."""
-        found = self.supervisor.problems() + self.inference.recorder.problems()
-        try:
-            await self.state.ping()
-        except Exception as exc:
-            found.append(f"state store unavailable: {getattr(exc, 'message', type(exc).__name__)}")
+    def liveness_problems(self) -> list[str]:
+        """What a restart of this process would fix: a background loop that is down or stuck.
+        Dependencies (the state store, the event bus) and loading models are readiness, not
+        liveness: restarting does not bring Redis back."""
+        found = self.supervisor.problems()
         # Running but stuck (a pass that never returns) is down too; before its first pass
         # the loop is starting, not stuck.
         if self.outbox.last_pass_at is not None and not self.outbox.alive():
             found.append("the outbox loop has stopped making progress")
-        if not self.bus.healthy:
-            found.append("event bus is not connected")
         if self.worker is not None:
             found.extend(self.worker.problems())
         return found
+
+    async def readiness(self) -> dict[str, list[str]]:
+        """Each check of /readyz with its problems (empty: passing)."""
+        checks: dict[str, list[str]] = {"loops": self.liveness_problems()}
+        try:
+            await self.state.ping()
+            checks["state"] = []
+        except Exception as exc:
+            reason = getattr(exc, "message", type(exc).__name__)
+            checks["state"] = [f"state store unavailable: {reason}"]
+        checks["events"] = [] if self.bus.healthy else ["event bus is not connected"]
+        checks["storage"] = self.inference.recorder.problems()
+        checks["models"] = self.preload.problems()
+        return checks
+
+    async def problems(self) -> list[str]:
+        """Why this process cannot do its job right now (every failing readiness check)."""
+        return [line for lines in (await self.readiness()).values() for line in lines]
 
     @classmethod
     @asynccontextmanager
@@ -311,6 +327,9 @@ class Runtime:
             metrics=metrics,
             supervisor=Supervisor(),
             outbox=outbox,
+            preload=Preloader(
+                scheduler, [registry.resolve(a).target.air for a in settings.preload]
+            ),
             started_at=time.time(),
             role=role,
         )
@@ -327,9 +346,6 @@ class Runtime:
                 max_deliveries=settings.worker_max_deliveries,
             )
             log.info("worker serving %s", ", ".join(airs))
-        for air in settings.preload:
-            seconds = await scheduler.warm(registry.resolve(air).target.air)
-            log.info("preloaded %s in %.1f s", air, seconds)
         metrics.track(scheduler.queued, lambda: len(runtime.sessions))
         if role == "single":
             # Distributed jobs are not lost with a process: the queue's leases hand them on.
@@ -337,9 +353,14 @@ class Runtime:
         runtime.supervisor.start("sweeper", sweeper.run)
         runtime.supervisor.start("outbox", outbox.run)
         runtime.supervisor.start("sessions", runtime.sessions.run)
+        # In the background: /healthz answers (and /readyz says what is loading) meanwhile,
+        # and tasks for a model being loaded wait for it in its queue.
+        preloading = asyncio.create_task(runtime.preload.run())
         try:
             yield runtime
         finally:
+            preloading.cancel()
+            await asyncio.gather(preloading, return_exceptions=True)
             await runtime.supervisor.close()
             runtime.sessions.close()
             await outbox.close()
