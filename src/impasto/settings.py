@@ -22,20 +22,35 @@ class Settings(BaseSettings):
 
     # Where state lives: None = the SQLite file in the data dir (one process); redis://… =
     # shared by many API nodes and workers (then images must be in shared storage too).
-    state: str | None = None
-    redis_prefix: str = "impasto"
+    state: str | None = Field(
+        default=None,
+        description="unset: SQLite in the data dir; redis://host:6379/0: shared by nodes",
+    )
+    redis_prefix: str = Field(
+        default="impasto", description="key prefix on Redis (several deployments on one Redis)"
+    )
     worker_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="AIRs an `impasto worker` serves"
     )
-    worker_prefetch: int = 8
-    worker_lease_s: float = 60.0
-    worker_max_deliveries: int = 3
+    worker_prefetch: int = Field(default=8, description="queued jobs a worker holds at once")
+    worker_lease_s: float = Field(
+        default=60.0,
+        description="a job's lease, renewed while it runs; another worker takes it over after",
+    )
+    worker_max_deliveries: int = Field(
+        default=3, description="takers of one job (workers that died with it) before it fails"
+    )
     worker_port: int | None = Field(
         default=None, description="serve /healthz and /metrics of `impasto worker` on this port"
     )
-    host: str = "127.0.0.1"
-    port: int = 8080
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    host: str = Field(default="127.0.0.1", description="bind address")
+    port: int = Field(
+        default=8080, description="port of REST, WebSocket, images, the playground and health"
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="SQLite state, image files and the models cache",
+    )
     models: Path | None = Field(default=None, description="models file (TOML)")
     models_cache: Path | None = Field(
         default=None, description="where built-in models are built/cached; default DATA_DIR/models"
@@ -46,11 +61,15 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty = open server"
     )
-    log_level: str = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field(default="info", description="debug | info | warning | error")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json (one object per line, with the task UUID)"
+    )
 
     # Requests
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, description="largest REST body or WebSocket frame, in bytes"
+    )
     max_queued_images: int = Field(
         default=10_000, description="per model; more gets HTTP 429 rateLimitExceeded"
     )
@@ -62,9 +81,17 @@ class Settings(BaseSettings):
         description="with API keys set, a body without a Bearer header is read up to this much "
         "before its authentication task is checked",
     )
-    sync_timeout_s: float = 300.0
-    ws_idle_timeout_s: float = 120.0
-    ws_session_ttl_s: float = 120.0
+    sync_timeout_s: float = Field(
+        default=300.0,
+        description="a sync reply waits this long; then the task goes on (syncTimeout)",
+    )
+    ws_idle_timeout_s: float = Field(
+        default=120.0, description="a WebSocket with no frame either way for this long is closed"
+    )
+    ws_session_ttl_s: float = Field(
+        default=120.0,
+        description="results of a detached WebSocket session are kept this long for a resume",
+    )
     ws_send_timeout_s: float = Field(
         default=30.0, gt=0, description="a client that takes longer to read a frame is dropped"
     )
@@ -78,32 +105,65 @@ class Settings(BaseSettings):
     )
 
     # Retention
-    output_retention_s: int = 7 * 24 * 3600
-    upload_retention_s: int = 30 * 24 * 3600
-    task_retention_s: int = 7 * 24 * 3600
-    sweep_interval_s: float = 60.0
+    output_retention_s: int = Field(
+        default=7 * 24 * 3600, description="seconds generated images are kept (without a task ttl)"
+    )
+    upload_retention_s: int = Field(
+        default=30 * 24 * 3600,
+        description="seconds images uploaded with imageUpload / mediaStorage are kept",
+    )
+    task_retention_s: int = Field(
+        default=7 * 24 * 3600, description="seconds finished tasks stay available to getResponse"
+    )
+    sweep_interval_s: float = Field(
+        default=60.0, description="seconds between sweeps of expired images and tasks"
+    )
 
     # Inputs fetched or decoded on behalf of a client
-    allow_private_networks: bool = False
-    fetch_timeout_s: float = 15.0
-    max_fetch_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    upload_max_side: int = 2048
+    allow_private_networks: bool = Field(
+        default=False,
+        description="let outbound URLs reach private, loopback and link-local addresses",
+    )
+    fetch_timeout_s: float = Field(
+        default=15.0, description="timeout fetching a reference or input image URL"
+    )
+    max_fetch_bytes: int = Field(
+        default=20 * 1024 * 1024, description="largest input image fetched or decoded, in bytes"
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        description="largest input image, in pixels (decompression bombs are refused)",
+    )
+    upload_max_side: int = Field(
+        default=2048,
+        description="uploaded images are scaled down to at most this many pixels a side",
+    )
 
     # Webhooks and upload endpoints
     webhook_secret: str | None = Field(
         default=None, description="signs webhooks with HMAC-SHA256 when set"
     )
-    delivery_max_attempts: int = 12
-    delivery_base_delay_s: float = 1.0
-    delivery_max_delay_s: float = 60.0
-    delivery_budget_s: float = 30 * 60.0
-    delivery_connect_timeout_s: float = 5.0
-    webhook_read_timeout_s: float = 30.0
-    upload_read_timeout_s: float = 120.0
+    delivery_max_attempts: int = Field(default=12, description="tries of one webhook or upload PUT")
+    delivery_base_delay_s: float = Field(
+        default=1.0, description="first retry delay (doubling, with jitter)"
+    )
+    delivery_max_delay_s: float = Field(default=60.0, description="longest delay between retries")
+    delivery_budget_s: float = Field(
+        default=30 * 60.0, description="a delivery gives up after this long in all"
+    )
+    delivery_connect_timeout_s: float = Field(
+        default=5.0, description="connect timeout of webhooks and upload PUTs"
+    )
+    webhook_read_timeout_s: float = Field(
+        default=30.0, description="read timeout of a webhook POST"
+    )
+    upload_read_timeout_s: float = Field(default=120.0, description="read timeout of an upload PUT")
 
     # Engine
-    devices: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["auto"])
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="auto (every CUDA device, else the CPU) or a list such as cuda:0,cuda:1",
+    )
     torch_threads: int | None = Field(
         default=None, description="CPU threads per torch op; default torch's own choice"
     )
@@ -116,9 +176,13 @@ class Settings(BaseSettings):
     preload: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="AIRs loaded and warmed up (compiled) at start-up"
     )
-    max_batch_size: int = 1
-    batch_wait_ms: float = 5.0
-    encode_threads: int = 2
+    max_batch_size: int = Field(
+        default=1, description="jobs of one model run together (a model entry may set its own)"
+    )
+    batch_wait_ms: float = Field(
+        default=5.0, description="how long a runner waits for more jobs to fill a batch"
+    )
+    encode_threads: int = Field(default=2, description="threads that encode and store images")
 
     # Runway (runway:4@1, runway:4@2). Key and base URL also come from the runwayml SDK's own
     # variables, so one environment serves both the SDK's examples and impasto.
@@ -133,9 +197,13 @@ class Settings(BaseSettings):
         description="Runway API base URL; also RUNWAYML_BASE_URL (point it at a test double)",
     )
     # Runway: "do not expect updates more often than once every five seconds".
-    runway_poll_interval_s: float = Field(default=5.0, gt=0)
+    runway_poll_interval_s: float = Field(
+        default=5.0, gt=0, description="seconds between polls of a running Runway task"
+    )
     runway_concurrency: int = Field(default=4, ge=1, description="Runway tasks at once per model")
-    runway_request_timeout_s: float = Field(default=60.0, gt=0)
+    runway_request_timeout_s: float = Field(
+        default=60.0, gt=0, description="timeout of one request to Runway"
+    )
     runway_task_timeout_s: float = Field(
         default=1800.0, gt=0, description="give up (and cancel) a Runway task after this long"
     )
@@ -193,7 +261,9 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(
         default=None, description="with the secret; default: boto3's credential chain"
     )
-    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key (else the AWS credential chain)"
+    )
     s3_url_mode: Literal["proxy", "presigned", "public"] = Field(
         default="proxy",
         description="image URLs: proxy (via impasto, exact TTL) | presigned | public",

@@ -145,6 +145,14 @@ app.command()(generate)
 app.command()(models)
 
 
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown; it is docs/configuration.md)."""
+    from impasto.settings_reference import render
+
+    typer.echo(render(), nl=False)
+
+
 def main() -> None:
     app()
 
