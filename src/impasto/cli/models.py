@@ -109,7 +109,7 @@ def plain_columns(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """A rich table that never cuts an AIR id: its column is as wide as the longest one, and
     the other columns wrap instead."""
     longest = max((len(row["air"]) for row in rows), default=3)
@@ -119,4 +119,4 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         table.add_column(name, overflow="fold")
     for row in rows:
         table.add_row(*_cells(row))
-    Console().print(table)
+    (console or Console()).print(table)
