@@ -34,8 +34,22 @@ def _result(entry: ModelEntry, registry: ModelRegistry) -> dict[str, Any]:
         result["defaultCFG"] = float(settings["guidance_scale"])
     if "scheduler" in entry.rules.parameters:
         result["defaultScheduler"] = "Default"
-    # impasto's own: what the model can do (an asset does nothing on its own).
-    result["modes"] = [] if entry.is_asset or entry.type == "refiner" else modes_of(entry.rules)
+    # impasto's own: what the model can do (an asset does nothing on its own), and what a
+    # request for it may hold (the playground builds its form from these).
+    runnable = not (entry.is_asset or entry.type == "refiner")
+    result["modes"] = modes_of(entry.rules) if runnable else []
+    if runnable:
+        rules = entry.rules
+        if rules.sizes.allowed is not None:
+            result["allowedSizes"] = [
+                {"width": w, "height": h} for w, h in sorted(rules.sizes.allowed)
+            ]
+        else:
+            result["minSide"], result["maxSide"] = rules.sizes.min_side, rules.sizes.max_side
+        result["parameters"] = sorted(rules.parameters)
+        result["maxResults"] = rules.max_results
+        result["minReferenceImages"] = rules.min_reference_images
+        result["maxReferenceImages"] = rules.max_reference_images
     return result
 
 
