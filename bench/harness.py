@@ -197,7 +197,7 @@ def impasto_serve(
         cwd=root,
         log_path=root / "server.log",
         port=port,
-        health_path="/healthz",
+        health_path="/readyz",
         ready=lambda response: response.status_code == 200,
         new_session=new_session,
         poll_s=poll_s,

@@ -146,7 +146,7 @@ def impasto_server(
         # INFO: the speed options applied and the warm-up time are logged at INFO.
         IMPASTO_LOG_LEVEL="info",
         IMPASTO_LOG_FORMAT="text",
-        # Load (and, with compile, compile) before /healthz answers.
+        # Load (and, with compile, compile) before /readyz answers 200.
         IMPASTO_PRELOAD=work.air,
     )
     # In this process's group: a `timeout` around the benchmark stops the server with it.

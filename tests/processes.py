@@ -52,7 +52,7 @@ class ImpastoProcess:
 
 
 class ServerProcess(ImpastoProcess):
-    """`impasto serve` on a port, waited for until /healthz answers."""
+    """`impasto serve` on a port, waited for until /readyz answers 200."""
 
     def __init__(self, port: int, env: dict[str, str], log: Path | None = None) -> None:
         super().__init__(
@@ -70,7 +70,7 @@ class ServerProcess(ImpastoProcess):
         while time.monotonic() < deadline:
             assert self.alive, f"server exited during start-up (log: {self.log})"
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
