@@ -68,8 +68,8 @@ def recorded_errors(server: RunningServer) -> Iterator[list[dict[str, Any]]]:
     stream_task = dispatcher.stream_task
     errors: list[dict[str, Any]] = []
 
-    async def recording(raw: Any, owner: str | None = None) -> AsyncIterator[Any]:
-        async for envelope in stream_task(raw, owner):
+    async def recording(raw: Any, *args: Any) -> AsyncIterator[Any]:
+        async for envelope in stream_task(raw, *args):
             errors.extend(error.to_item() for error in envelope.errors)
             yield envelope
 

@@ -59,7 +59,30 @@ class Settings(BaseSettings):
         default=None, description="base URL of image links; default http://HOST:PORT"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated; empty = open server"
+        default_factory=list,
+        description="operator keys, comma-separated (no limits; see every key's usage); with "
+        "none and no managed keys (`impasto keys create`) the server is open",
+    )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=0,
+        description="failed authentications allowed per client address a minute (a burst of "
+        "this many, then one every 60/N s); past it the address gets 429 (0 = no limit)",
+    )
+    key_refresh_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="how often each node reloads managed keys (revocations, new limits)",
+    )
+    private_images: bool = Field(
+        default=False,
+        description="/image/ URLs need the API key that made the image (Bearer header); "
+        "otherwise they are capability URLs (unguessable UUIDs)",
+    )
+    metrics_max_keys: int = Field(
+        default=50,
+        ge=1,
+        description="distinct API key names labelled in /metrics; further keys are `(other)`",
     )
     log_level: str = Field(default="info", description="debug | info | warning | error")
     log_format: Literal["text", "json"] = Field(

@@ -35,7 +35,7 @@ from impasto.protocol.parsing import parse_task
 from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.acceptance import TaskAcceptance
 from impasto.service.completion import TaskCompletion
-from impasto.service.dispatcher import Authenticator, TaskDispatcher
+from impasto.service.dispatcher import TaskDispatcher
 from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
 from impasto.service.jobs import LocalRunner
@@ -45,6 +45,7 @@ from impasto.service.safety import UnavailableSafety
 from impasto.service.task_images import TaskImages
 from impasto.service.uploads import UploadService
 from impasto.state.records import ImageRecord, ResultRecord, ResultStatus
+from impasto.tenancy.directory import KeyDirectory
 from tests.fakes import FakeEventBus, FakeImageStore, FlakyStateStore, sqlite_state
 
 MODEL = "impasto:tiny@1"
@@ -320,7 +321,7 @@ class ScriptedInference:
 
 def dispatcher(inference: ScriptedInference, max_tasks: int = 100) -> TaskDispatcher:
     return TaskDispatcher(
-        auth=Authenticator([]),
+        auth=KeyDirectory([]),
         bus=FakeEventBus(),
         inference=cast(InferenceService, inference),
         uploads=cast(UploadService, None),

@@ -16,8 +16,9 @@ from starlette.websockets import WebSocketDisconnect
 from impasto.api import websocket as ws_module
 from impasto.api.websocket import WebSocketConnection, origin_allowed
 from impasto.protocol.errors import ServiceUnavailable
-from impasto.service.dispatcher import Authenticator, Envelope
+from impasto.service.dispatcher import Envelope
 from impasto.service.sessions import Session, SessionRegistry, encode_frame
+from impasto.tenancy.directory import KeyDirectory
 
 WAIT_S = 10.0
 PING = {"taskType": "ping", "ping": True}
@@ -33,6 +34,8 @@ class FakeWebSocket:
         self.incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.sent: list[dict[str, Any]] = []
         self.closed: tuple[int, str | None] | None = None
+        # starlette's Address of the peer; None as for a socket without one.
+        self.client: Any = None
         self.fail_after: int | None = None
         self.stall_after: int | None = None
         self.stall_close = False
@@ -67,7 +70,7 @@ class FakeDispatcher:
     """Answers every task with an ack; `hold` keeps tasks running until it is set."""
 
     def __init__(self, keys: list[str] | None = None) -> None:
-        self.auth = Authenticator(keys or [])
+        self.auth = KeyDirectory(keys or [])
         self.started: list[Any] = []
         self.hold: asyncio.Event | None = None
         self.delivered = asyncio.Event()

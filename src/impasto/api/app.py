@@ -94,7 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
             if runtime.dispatcher.auth.open:
                 log.warning(
                     "no API keys configured: the server is OPEN to anyone who can reach "
-                    "%s:%s (set IMPASTO_API_KEYS to require keys)",
+                    "%s:%s (set IMPASTO_API_KEYS or run `impasto keys create` to require keys)",
                     settings.host,
                     settings.port,
                 )

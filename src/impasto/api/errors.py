@@ -10,7 +10,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from impasto.protocol.errors import ImpastoError, ServiceUnavailable, http_status_for
+from impasto.protocol.errors import (
+    ImpastoError,
+    RateLimited,
+    ServiceUnavailable,
+    http_status_for,
+)
 
 log = logging.getLogger("impasto.api")
 
@@ -34,10 +39,11 @@ def error_response(errors: list[ImpastoError]) -> JSONResponse:
 
 
 def retry_after(errors: list[ImpastoError], status: int) -> dict[str, str] | None:
-    """A 503 for infrastructure trouble tells clients when to come back."""
-    if status != 503:
+    """A 503 for infrastructure trouble and a 429 for a rate limit tell clients when to come
+    back (the longest wait any of the errors asks for)."""
+    if status not in (429, 503):
         return None
-    hints = [e.retry_after_s for e in errors if isinstance(e, ServiceUnavailable)]
+    hints = [e.retry_after_s for e in errors if isinstance(e, ServiceUnavailable | RateLimited)]
     return {"Retry-After": str(max(hints))} if hints else None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from impasto.api.errors import EnvelopeResponse, error_response, retry_after
 from impasto.protocol.errors import ImpastoError, PayloadTooLarge, RequestError
 from impasto.protocol.openapi import tasks_request_schema, tasks_responses
 from impasto.service.runtime import Runtime
+from impasto.state.records import ImageRecord
 
 router = APIRouter()
 
@@ -89,6 +91,13 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
+def client_address(request: Request) -> str | None:
+    """The peer's address, which failed authentications are counted against. Behind a
+    reverse proxy, run uvicorn with --forwarded-allow-ips so this is the client's, not the
+    proxy's."""
+    return request.client.host if request.client is not None else None
+
+
 @router.post(
     "/v1",
     openapi_extra=_TASKS_BODY,
@@ -99,14 +108,16 @@ async def run_tasks(request: Request) -> Response:
     runtime = runtime_of(request)
     dispatcher = runtime.dispatcher
     bearer = bearer_token(request)
+    client = client_address(request)
     limit = runtime.settings.max_body_bytes
+    principal = None
     if not dispatcher.auth.open:
         # The key is checked before the body is read: an unauthenticated client cannot make
         # the server read and parse megabytes. A body that authenticates itself (a leading
         # authentication task) is read only up to a small limit before its key is known.
         if bearer is not None:
             try:
-                dispatcher.auth.check(bearer)
+                principal = await dispatcher.auth.authenticate(bearer, client)
             except ImpastoError as exc:
                 return error_response([exc])
         else:
@@ -118,7 +129,7 @@ async def run_tasks(request: Request) -> Response:
         return Response(status_code=400)
     except ImpastoError as exc:
         return error_response([exc])
-    envelope = await dispatcher.handle_request(tasks, bearer)
+    envelope = await dispatcher.handle_request(tasks, bearer, client, principal)
     status = envelope.http_status
     return EnvelopeResponse(
         envelope.body(), status_code=status, headers=retry_after(envelope.errors, status)
@@ -133,6 +144,16 @@ async def get_image(name: str, request: Request) -> Response:
     record = await runtime.state.get_image(image_uuid)
     now = time.time()
     data = None
+    if runtime.settings.private_images and not runtime.dispatcher.auth.open:
+        # The URL alone is not enough: the key that made the image must come with it.
+        try:
+            principal = await runtime.dispatcher.auth.authenticate(
+                bearer_token(request), client_address(request)
+            )
+        except ImpastoError as exc:
+            return error_response([exc])
+        if record is not None and not await image_visible(runtime, record, principal.owner):
+            record = None
     if record is not None and record.key == name and record.expires_at > now:
         data = await runtime.images.get(record.key)
     if record is None or data is None:
@@ -145,6 +166,18 @@ async def get_image(name: str, request: Request) -> Response:
         media_type=record.content_type,
         headers={"Cache-Control": f"private, max-age={max_age}"},
     )
+
+
+async def image_visible(runtime: Runtime, record: ImageRecord, owner: str) -> bool:
+    """Whether the key whose digest is `owner` made (or uploaded) the image: the task it
+    belongs to records its owner. An image of a task that is gone is nobody's."""
+    if record.task_uuid is None:
+        return False
+    task = await runtime.state.get_task(record.task_uuid)
+    if task is None:
+        return False
+    task_owner = task.extra.get("owner")
+    return task_owner is None or hmac.compare_digest(str(task_owner), owner)
 
 
 @router.get(

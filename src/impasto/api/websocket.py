@@ -36,6 +36,7 @@ from impasto.protocol.tasks import AuthenticationIn
 from impasto.service.dispatcher import Envelope, TaskDispatcher
 from impasto.service.runtime import Runtime
 from impasto.service.sessions import Frame, Session, SessionRegistry, encode_frame
+from impasto.tenancy.keys import ANONYMOUS, Principal
 
 router = APIRouter()
 log = logging.getLogger("impasto.websocket")
@@ -126,6 +127,7 @@ class WebSocketConnection:
         self._send_lock = asyncio.Lock()
         self._last_activity = time.monotonic()
         self._session: Session | None = None
+        self._principal: Principal = ANONYMOUS
         self._gone = asyncio.Event()
         self._close: tuple[int, str] | None = None
         # One bound method for the session to hold and to compare on detach (each attribute
@@ -280,7 +282,8 @@ class WebSocketConnection:
         try:
             auth = parse_task(raw)
             assert isinstance(auth, AuthenticationIn)
-            self._dispatcher.auth.check(auth.apiKey)
+            client = self._ws.client.host if self._ws.client is not None else None
+            principal = await self._dispatcher.auth.authenticate(auth.apiKey, client)
         except ImpastoError as exc:
             # compat: no taskUUID on authentication replies (@runware/sdk-js matches them on
             # taskType, and fails fast only on code invalidApiKey).
@@ -303,6 +306,8 @@ class WebSocketConnection:
         if previous is not None and previous is not session:
             self._drop_session(previous)
         self._session = session
+        self._principal = principal
+        session.on_revoke(self._revoked)
         # The reply goes before the flush of what the session buffered: runware-sdk reads
         # frames until the authentication item, and resumes its tasks only after it.
         await self.reply(
@@ -315,17 +320,22 @@ class WebSocketConnection:
         await session.attach(self._sender)
         return True
 
+    def _revoked(self) -> None:
+        """The key of this connection's session was revoked: the socket closes."""
+        self._session = None
+        self._leave(CLOSE_POLICY, "API key revoked")
+
     def _drop_session(self, session: Session) -> None:
+        session.forget_revoke(self._revoked)
         session.detach(self._sender)
         self._sessions.release(session)
         if self._session is session:
             self._session = None
 
     async def _run(self, session: Session, raw: Any) -> None:
-        # A session's owner is the digest of the key that opened it, as for REST tasks; an
-        # open server has no owners (any client may read any task).
-        owner = None if self._dispatcher.auth.open else session.owner
-        async for envelope in self._dispatcher.stream_task(raw, owner):
+        # The session's tasks belong to the key that opened it, as for REST tasks; on an open
+        # server to nobody (any client may read any task).
+        async for envelope in self._dispatcher.stream_task(raw, self._principal):
             for frame in frames_of(envelope):
                 await session.deliver(frame)
 

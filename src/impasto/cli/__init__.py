@@ -1,4 +1,4 @@
-"""Command line: `impasto serve | worker | generate | run | models`."""
+"""Command line: `impasto serve | worker | generate | run | models | keys | usage`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from impasto.cli.generate import generate
+from impasto.cli.keys import keys_app, usage
 from impasto.cli.models import models
 from impasto.cli.run import run
 from impasto.settings import Settings
@@ -143,6 +144,8 @@ def worker(
 app.command()(run)
 app.command()(generate)
 app.command()(models)
+app.add_typer(keys_app, name="keys")
+app.command()(usage)
 
 
 @app.command("config-reference")

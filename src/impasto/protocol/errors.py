@@ -13,6 +13,8 @@
     ├── ConflictTaskUUID             the taskUUID was used before (400)
     ├── TaskNotFound                 getResponse for an unknown or expired task (404)
     ├── QueueFull                    too many images waiting; retry later (429)
+    ├── RateLimited                  over the API key's (or address's) rate; Retry-After (429)
+    ├── PermissionDenied             the API key may not do this (403)
     ├── ProviderError                a provider (Runway, ...) failed or refused (502)
     │   ├── ProviderNotConfigured    no credentials for the provider (503)
     │   ├── ProviderKeyRejected      the provider refused our credentials (502)
@@ -32,6 +34,7 @@ Every error becomes one Runware error item: `code`, `message`, `parameter`, `tas
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -152,6 +155,24 @@ class QueueFull(ImpastoError):
     # is still free when they do.
     code = "rateLimitExceeded"
     http_status = 429
+
+
+class RateLimited(ImpastoError):
+    """Over a limit of the API key (tasks or images a minute, tasks at once) or of the client
+    address (failed authentications). Nothing was accepted: the same taskUUID may be sent
+    again after `retry_after_s` (the REST reply's Retry-After)."""
+
+    code = "rateLimitExceeded"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+
+class PermissionDenied(ImpastoError):
+    code = "insufficientPermissions"
+    http_status = 403
 
 
 class ProviderError(ImpastoError):

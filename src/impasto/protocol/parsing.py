@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from impasto.protocol.account import AccountManagementIn, GetTaskDetailsIn
 from impasto.protocol.errors import (
     ImpastoError,
     InvalidParameter,
@@ -42,6 +43,8 @@ TaskIn = (
     | MediaStorageIn
     | ImageControlNetPreProcessIn
     | ControlNetPreprocessIn
+    | AccountManagementIn
+    | GetTaskDetailsIn
 )
 
 # BaseModel, not WireModel: the utility tasks' models live in protocol/utility.py, which
@@ -56,6 +59,8 @@ TASK_MODELS: dict[str, type[BaseModel]] = {
     "mediaStorage": MediaStorageIn,
     "imageControlNetPreProcess": ImageControlNetPreProcessIn,
     "controlNetPreprocess": ControlNetPreprocessIn,
+    "accountManagement": AccountManagementIn,
+    "getTaskDetails": GetTaskDetailsIn,
 }
 
 # A taskType or taskUUID is echoed in error items only when it could be one: short, and free of

@@ -11,7 +11,6 @@ store and never fetches a client URL again (see task_images.py).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +46,7 @@ from impasto.service.task_images import (
 from impasto.state.base import JobQueue, QueuedJob, StateStore
 from impasto.state.records import TaskRecord
 from impasto.storage.base import ImageStore
+from impasto.tenancy.keys import Principal
 
 log = logging.getLogger("impasto.acceptance")
 
@@ -81,11 +81,6 @@ def check_weighting(task: ImageInferenceIn, weighting: str) -> None:
                 code=f"invalid{code_name(parameter)}",
                 parameter=parameter,
             ) from None
-
-
-def owner_of(api_key: str | None) -> str | None:
-    """What a task records of the key that submitted it: a digest, never the key."""
-    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
 
 
 class TaskAcceptance:
@@ -155,8 +150,10 @@ class TaskAcceptance:
         self._safety.validate(task)
         return resolved
 
-    async def submit(self, task: ImageInferenceIn, owner: str | None = None) -> None:
-        """Validate, store the inputs, persist and schedule; after this the task is accepted."""
+    async def submit(self, task: ImageInferenceIn, principal: Principal | None = None) -> None:
+        """Validate, store the inputs, persist and schedule; after this the task is accepted.
+        The task records who sent it: the key's digest (its owner) and, for usage, its id and
+        name."""
         resolved = self.validate(task)
         slots = slots_of(task)
         # A used taskUUID is refused before any input image is fetched and stored; without
@@ -176,8 +173,10 @@ class TaskAcceptance:
         stored = await self._store_inputs(task, inputs)
         seeds = seeds_for(task.seed, task.numberResults)
         extra: dict[str, Any] = {"seeds": seeds}
-        if owner is not None:
-            extra["owner"] = owner
+        if principal is not None and not principal.anonymous:
+            extra["owner"] = principal.owner
+        if principal is not None:
+            extra["keyId"], extra["keyName"] = principal.key_id, principal.name
         if images.references:
             extra["references"] = [
                 {"imageUUID": image_uuid, "sourceURL": ref.source_url}

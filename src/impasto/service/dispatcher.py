@@ -7,13 +7,13 @@ transport (a Bearer header) or from a leading `authentication` task.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from impasto.logcontext import current_task
+from impasto.protocol.account import AccountManagementIn, GetTaskDetailsIn
 from impasto.protocol.errors import (
     AuthError,
     ImpastoError,
@@ -37,7 +37,7 @@ from impasto.protocol.utility import (
     ImageControlNetPreProcessIn,
     MediaStorageIn,
 )
-from impasto.service.acceptance import owner_of
+from impasto.service.account import AccountService
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
 from impasto.service.models import ModelSearchService
@@ -45,6 +45,9 @@ from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.uploads import UploadService
 from impasto.state.base import EventBus
+from impasto.tenancy.directory import KeyDirectory
+from impasto.tenancy.keys import ANONYMOUS, Principal
+from impasto.tenancy.quotas import QuotaGate
 
 log = logging.getLogger("impasto.dispatcher")
 
@@ -86,48 +89,13 @@ class Envelope:
         return body
 
 
-class Authenticator:
-    """API keys from settings; with none configured the server is open."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [k.encode() for k in keys]
-
-    @property
-    def open(self) -> bool:
-        return not self._keys
-
-    def owner(self, key: str | None) -> str | None:
-        """Whom a task belongs to: a digest of the key, or nobody on an open server (where
-        any client may read any task, as before keys were set)."""
-        return None if self.open else owner_of(key)
-
-    def check(self, key: str | None) -> None:
-        if self.open:
-            return
-        if not key:
-            raise AuthError(
-                "An API key is required: send Authorization: Bearer <key> or an authentication "
-                "task first.",
-                code="missingApiKey",
-                parameter="apiKey",
-                task_type="authentication",
-            )
-        given = key.encode()
-        # Compare against every key so the time taken does not tell which one nearly matched.
-        matched = False
-        for candidate in self._keys:
-            matched |= hmac.compare_digest(given, candidate)
-        if not matched:
-            raise AuthError("Invalid API key.", parameter="apiKey", task_type="authentication")
-
-
 class TaskDispatcher:
     """Routes parsed tasks to their services."""
 
     def __init__(
         self,
         *,
-        auth: Authenticator,
+        auth: KeyDirectory,
         bus: EventBus,
         inference: InferenceService,
         uploads: UploadService,
@@ -137,8 +105,12 @@ class TaskDispatcher:
         max_tasks: int = 100,
         metrics: Metrics | None = None,
         preprocess: PreprocessService | None = None,
+        quotas: QuotaGate | None = None,
+        account: AccountService | None = None,
     ) -> None:
         self.auth = auth
+        self._quotas = quotas
+        self._account = account
         self._bus = bus
         self._inference = inference
         self._uploads = uploads
@@ -149,12 +121,20 @@ class TaskDispatcher:
         self._sync_timeout_s = sync_timeout_s
         self.max_tasks = max_tasks
 
-    async def handle_request(self, raw_tasks: list[Any], bearer: str | None) -> Envelope:
-        """A whole REST request: authenticate, then run every task."""
+    async def handle_request(
+        self,
+        raw_tasks: list[Any],
+        bearer: str | None,
+        client: str | None = None,
+        principal: Principal | None = None,
+    ) -> Envelope:
+        """A whole REST request: authenticate (unless the transport already did, giving
+        `principal`), then run every task."""
         tasks = list(raw_tasks)
         key = bearer
         if tasks and isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication":
             first = tasks.pop(0)
+            principal = None
             try:
                 key = parse_task(first).apiKey  # type: ignore[union-attr]
             except ImpastoError as exc:
@@ -167,47 +147,51 @@ class TaskDispatcher:
                         )
                     ]
                 )
-        try:
-            self.auth.check(key)
-        except AuthError as exc:
-            return Envelope(errors=[exc])
+        if principal is None:
+            try:
+                principal = await self.auth.authenticate(key, client)
+            except ImpastoError as exc:
+                return Envelope(errors=[exc])
         if len(tasks) > self.max_tasks:
             return Envelope(errors=[too_many_tasks(len(tasks), self.max_tasks)])
-        owner = self.auth.owner(key)
         if len(tasks) == 1:
-            results = [await self.handle_task(tasks[0], owner)]
+            results = [await self.handle_task(tasks[0], principal)]
         else:
-            results = await asyncio.gather(*(self.handle_task(raw, owner) for raw in tasks))
+            results = await asyncio.gather(*(self.handle_task(raw, principal) for raw in tasks))
         envelope = Envelope()
         for result in results:
             envelope.extend(result)
         return envelope
 
-    async def handle_task(self, raw: Any, owner: str | None = None) -> Envelope:
+    async def handle_task(self, raw: Any, principal: Principal = ANONYMOUS) -> Envelope:
         """One task, already authenticated: everything it produced, in one envelope."""
         envelope = Envelope()
-        async for part in self.stream_task(raw, owner):
+        async for part in self.stream_task(raw, principal):
             envelope.extend(part)
         return envelope
 
-    async def stream_task(self, raw: Any, owner: str | None = None) -> AsyncIterator[Envelope]:
-        """One task, already authenticated (by the key whose `owner` digest is given), as it
-        happens: a sync imageInference yields each image (or distinct error) as soon as it is
-        stored; other tasks yield once."""
+    async def stream_task(
+        self, raw: Any, principal: Principal = ANONYMOUS
+    ) -> AsyncIterator[Envelope]:
+        """One task of an authenticated `principal`, as it happens: a sync imageInference
+        yields each image (or distinct error) as soon as it is stored; other tasks yield
+        once. A principal whose key was revoked since it authenticated (a WebSocket that
+        authenticated earlier) gets an authentication error."""
         task_type, task_uuid = task_context(raw)
         # Each task runs in an asyncio task of its own: the variable is this task's alone.
         current_task.set(task_uuid)
         try:
+            principal = self.auth.recheck(principal)
             task = parse_task(raw)
             if isinstance(task, ImageInferenceIn) and task.deliveryMethod == "sync":
                 outcome = "ok"
-                async for part in self._stream_inference(task, owner):
+                async for part in self._stream_inference(task, principal):
                     if part.errors and outcome == "ok":
                         outcome = part.errors[0].code
                     yield part
-                self._count(task_type, outcome)
+                self._count(task_type, outcome, principal)
                 return
-            envelope = await self._run(task, owner)
+            envelope = await self._run(task, principal)
         except ImpastoError as exc:
             envelope = Envelope(errors=[exc.for_task(task_type, task_uuid)])
         except Exception:
@@ -216,18 +200,46 @@ class TaskDispatcher:
                 task_type, task_uuid
             )
             envelope = Envelope(errors=[error])
-        self._count(task_type, envelope.errors[0].code if envelope.errors else "ok")
+        self._count(task_type, envelope.errors[0].code if envelope.errors else "ok", principal)
         yield envelope
 
-    def _count(self, task_type: str | None, outcome: str) -> None:
+    def _count(self, task_type: str | None, outcome: str, principal: Principal) -> None:
         if self._metrics is not None:
             known = task_type if task_type in TASK_MODELS else "unknown"
             self._metrics.tasks.labels(known, outcome).inc()
+            key = self._metrics.key_label(principal.name)
+            self._metrics.key_tasks.labels(key, outcome).inc()
 
-    async def _run(self, task: TaskIn, owner: str | None) -> Envelope:
+    async def _submit(self, task: ImageInferenceIn, principal: Principal) -> None:
+        """Accept an imageInference within the principal's quotas."""
+        if self._quotas is None:
+            await self._inference.submit(task, principal)
+            return
+        async with self._quotas.admitted_inference(
+            principal, task.taskUUID, task.model, task.numberResults
+        ):
+            await self._inference.submit(task, principal)
+
+    async def _run(self, task: TaskIn, principal: Principal) -> Envelope:
+        owner = principal.owner or None
         if isinstance(task, ImageInferenceIn):
-            await self._inference.submit(task, owner)
+            await self._submit(task, principal)
             return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
+        if isinstance(task, AccountManagementIn | GetTaskDetailsIn):
+            if self._account is None:
+                raise InvalidParameter(
+                    f"This server does not run {task.taskType} tasks.",
+                    code="unsupportedTaskType",
+                    parameter="taskType",
+                )
+            if isinstance(task, AccountManagementIn):
+                return Envelope(data=[await self._account.details(task, principal)])
+            return Envelope(data=[await self._account.task_details(task, principal)])
+        if self._quotas is not None and isinstance(
+            task,
+            ImageUploadIn | MediaStorageIn | ImageControlNetPreProcessIn | ControlNetPreprocessIn,
+        ):
+            await self._quotas.admit_work(principal)
         if isinstance(task, ImageUploadIn):
             return Envelope(data=[await self._uploads.upload(task, owner)])
         if isinstance(task, MediaStorageIn):
@@ -255,10 +267,10 @@ class TaskDispatcher:
         raise AssertionError(f"unhandled task {type(task).__name__}")
 
     async def _stream_inference(
-        self, task: ImageInferenceIn, owner: str | None
+        self, task: ImageInferenceIn, principal: Principal
     ) -> AsyncIterator[Envelope]:
         async with self._bus.subscribe(task.taskUUID) as subscription:
-            await self._inference.submit(task, owner)
+            await self._submit(task, principal)
             seen: set[tuple[str, str]] = set()
             try:
                 async for result in self._inference.follow(

@@ -26,9 +26,11 @@ from impasto.service.jobs import LocalRunner
 from impasto.service.outcomes import OutcomeRecorder
 from impasto.service.recovery import JobDone, TaskRecovery
 from impasto.service.safety import ContentSafety
+from impasto.service.usage import UsageMeter
 from impasto.state.base import EventBus, JobQueue, QueuedJob, StateStore, Subscription
 from impasto.state.records import DeliveryRecord, ResultRecord, TaskRecord
 from impasto.storage.base import ImageStore
+from impasto.tenancy.keys import Principal
 
 
 class InferenceService:
@@ -53,6 +55,7 @@ class InferenceService:
         unavailable: Mapping[str, ImpastoError] | None = None,
         queue: JobQueue | None = None,
         max_queued: int | None = None,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.completion = TaskCompletion(state, bus, wake_outbox)
         self.recorder = OutcomeRecorder(
@@ -64,6 +67,7 @@ class InferenceService:
             image_base_url=image_base_url,
             output_retention_s=output_retention_s,
             wake_outbox=wake_outbox,
+            meter=meter,
         )
         runner = LocalRunner(scheduler, self.recorder, state)
         self.acceptance = TaskAcceptance(
@@ -92,8 +96,8 @@ class InferenceService:
     def validate(self, task: ImageInferenceIn) -> ResolvedModel:
         return self.acceptance.validate(task)
 
-    async def submit(self, task: ImageInferenceIn, owner: str | None = None) -> None:
-        await self.acceptance.submit(task, owner)
+    async def submit(self, task: ImageInferenceIn, principal: Principal | None = None) -> None:
+        await self.acceptance.submit(task, principal)
 
     async def resume(self, record: TaskRecord) -> None:
         await self.recovery.resume(record)

@@ -10,11 +10,38 @@ BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
 
-class Metrics:
-    """The instruments impasto updates; `render()` is what GET /metrics serves."""
+OTHER_KEYS = "(other)"
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """The instruments impasto updates; `render()` is what GET /metrics serves.
+
+    Per-key series are labelled with the key's name; past `max_key_labels` distinct names,
+    further keys share the label `(other)`, so a server with thousands of keys cannot grow
+    the scrape without bound."""
+
+    def __init__(self, max_key_labels: int = 50) -> None:
         self.registry = CollectorRegistry()
+        self._max_key_labels = max_key_labels
+        self._key_labels: set[str] = set()
+        self.key_tasks = Counter(
+            "impasto_key_tasks_total",
+            "Tasks by API key name and outcome (ok or the error code)",
+            ["key", "outcome"],
+            registry=self.registry,
+        )
+        self.key_images = Counter(
+            "impasto_key_images_total",
+            "Images finished, by API key name",
+            ["key"],
+            registry=self.registry,
+        )
+        self.key_cost = Counter(
+            "impasto_key_cost_total",
+            "Cost of the images finished, by API key name",
+            ["key"],
+            registry=self.registry,
+        )
         self.tasks = Counter(
             "impasto_tasks_total",
             "Tasks handled, by type and outcome (ok or the error code)",
@@ -49,6 +76,20 @@ class Metrics:
             "WebSocket sessions (attached or buffering)",
             registry=self.registry,
         )
+
+    def key_label(self, name: str) -> str:
+        """`name`, or `(other)` once the label budget is spent on other names."""
+        if name in self._key_labels:
+            return name
+        if len(self._key_labels) >= self._max_key_labels:
+            return OTHER_KEYS
+        self._key_labels.add(name)
+        return name
+
+    def observe_image(self, key_name: str, cost: float) -> None:
+        label = self.key_label(key_name)
+        self.key_images.labels(label).inc()
+        self.key_cost.labels(label).inc(cost)
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)

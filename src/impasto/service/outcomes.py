@@ -36,6 +36,7 @@ from impasto.protocol.results import image_item
 from impasto.protocol.tasks import ImageInferenceIn
 from impasto.service.completion import TaskCompletion
 from impasto.service.safety import ContentSafety, wants_output_check
+from impasto.service.usage import UsageMeter
 from impasto.state.base import StateStore
 from impasto.state.records import ImageRecord, ResultRecord
 from impasto.storage.base import ImageStore
@@ -65,8 +66,10 @@ class OutcomeRecorder:
         wake_outbox: Callable[[], None],
         sleep: Sleep = asyncio.sleep,
         retry_max_s: float = 10.0,
+        meter: UsageMeter | None = None,
     ) -> None:
         self._state = state
+        self._meter = meter
         self._images = images
         self._completion = completion
         self._safety = safety
@@ -199,13 +202,13 @@ class OutcomeRecorder:
                 expires_at=expires_at,
                 task_uuid=task.taskUUID,
             )
-            cost = None
-            if task.includeCost:
-                cost = (
-                    generated.cost
-                    if generated.cost is not None
-                    else resolved.rules.price.cost((job.width, job.height))
-                )
+            # What the image costs is metered whether or not the client asked to see it.
+            spent = (
+                generated.cost
+                if generated.cost is not None
+                else resolved.rules.price.cost((job.width, job.height))
+            )
+            cost = spent if task.includeCost else None
             item = image_item(
                 task_type=TASK_TYPE,
                 task_uuid=task.taskUUID,
@@ -259,6 +262,10 @@ class OutcomeRecorder:
             keep = stored
             if stored and deliveries:
                 self._wake_outbox()
+            if stored and self._meter is not None:
+                await self._meter.image_stored(
+                    task.taskUUID, job.index, task.model, encoded.width, encoded.height, spent
+                )
         finally:
             if not keep:
                 # Failed, or already stored by a re-run that raced this one: keep nothing.

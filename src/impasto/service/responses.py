@@ -12,6 +12,22 @@ from impasto.protocol.errors import TaskNotFound
 from impasto.protocol.tasks import GetResponseIn
 from impasto.service.completion import status_items
 from impasto.state.base import StateStore
+from impasto.state.records import TaskRecord
+
+
+async def owned_task(state: StateStore, task_uuid: str, owner: str | None) -> TaskRecord:
+    """The task, if `owner` may see it; TaskNotFound otherwise (the same answer as for a task
+    that never existed)."""
+    task = await state.get_task(task_uuid)
+    task_owner = task.extra.get("owner") if task is not None else None
+    if task is None or (
+        task_owner is not None and not hmac.compare_digest(str(task_owner), owner or "")
+    ):
+        raise TaskNotFound(
+            f"No task with taskUUID {task_uuid} (unknown, or its results expired).",
+            parameter="taskUUID",
+        )
+    return task
 
 
 class ResponseService:
@@ -21,15 +37,7 @@ class ResponseService:
         self._state = state
 
     async def items(self, request: GetResponseIn, owner: str | None = None) -> list[dict[str, Any]]:
-        task = await self._state.get_task(request.taskUUID)
-        task_owner = task.extra.get("owner") if task is not None else None
-        if task is None or (
-            task_owner is not None and not hmac.compare_digest(str(task_owner), owner or "")
-        ):
-            raise TaskNotFound(
-                f"No task with taskUUID {request.taskUUID} (unknown, or its results expired).",
-                parameter="taskUUID",
-            )
+        task = await owned_task(self._state, request.taskUUID, owner)
         results = await self._state.results(task.task_uuid)
         progress = await self._state.progress(task.task_uuid)
         uploads = [d for d in await self._state.deliveries(task.task_uuid) if d.kind == "upload"]

@@ -34,7 +34,8 @@ from impasto.delivery.outbound import OutboundClient, OutboundGuard
 from impasto.delivery.outbox import Outbox, RetryPolicy, SettledCallback
 from impasto.engine.scheduler import Scheduler
 from impasto.protocol.errors import TaskInterrupted
-from impasto.service.dispatcher import Authenticator, TaskDispatcher
+from impasto.service.account import AccountService
+from impasto.service.dispatcher import TaskDispatcher
 from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
@@ -44,17 +45,18 @@ from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.safety import load_content_safety
 from impasto.service.sessions import SessionRegistry
+from impasto.service.stores import SharedStores, shared_stores
 from impasto.service.supervisor import Supervisor
 from impasto.service.uploads import UploadService
+from impasto.service.usage import UsageMeter
 from impasto.service.worker import Worker
 from impasto.settings import Settings
-from impasto.state.base import EventBus, JobQueue, StateStore
-from impasto.state.events import LocalEventBus
+from impasto.state.base import EventBus, StateStore
 from impasto.state.records import DeliveryRecord, ResultRecord
-from impasto.state.sqlite import SqliteStateStore
 from impasto.storage.base import ImageStore
-from impasto.storage.factory import open_image_store
 from impasto.storage.sweeper import Sweeper
+from impasto.tenancy.directory import KeyDirectory
+from impasto.tenancy.quotas import QuotaGate
 
 log = logging.getLogger("impasto.runtime")
 
@@ -68,44 +70,6 @@ def _counted(settled: SettledCallback, metrics: Metrics) -> SettledCallback:
 
 
 Role = Literal["single", "api", "worker"]
-
-
-@asynccontextmanager
-async def _shared_stores(
-    settings: Settings,
-) -> AsyncIterator[tuple[StateStore, EventBus, JobQueue | None, ImageStore]]:
-    """SQLite, in-process events and local files; or Redis state, events and queue with the
-    configured image storage, shared by every node."""
-    async with open_image_store(settings) as images:
-        if not settings.distributed:
-            sqlite = SqliteStateStore(settings.state_path)
-            await sqlite.open()
-            try:
-                yield sqlite, LocalEventBus(), None, images
-            finally:
-                await sqlite.close()
-            return
-        from impasto.state.redis_events import RedisEventBus
-        from impasto.state.redis_queue import RedisJobQueue
-        from impasto.state.redis_store import RedisStateStore
-
-        if not settings.storage:
-            log.warning(
-                "shared state with local image files: every node must see the same %s",
-                settings.images_dir,
-            )
-        url, prefix = str(settings.state), settings.redis_prefix
-        state = RedisStateStore(url, prefix=prefix)
-        await state.open()
-        bus = RedisEventBus(url, prefix=prefix)
-        await bus.open()
-        queue = RedisJobQueue(url, prefix=prefix)
-        try:
-            yield state, bus, queue, images
-        finally:
-            await queue.close()
-            await bus.close()
-            await state.close()
 
 
 @dataclass
@@ -169,8 +133,8 @@ class Runtime:
         registry = ModelRegistry.load(settings.models)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         async with (
-            _shared_stores(settings) as (state, bus, queue, images),
-            cls._start(settings, role, registry, state, bus, queue, images) as runtime,
+            shared_stores(settings) as stores,
+            cls._start(settings, role, registry, stores) as runtime,
         ):
             yield runtime
 
@@ -181,11 +145,9 @@ class Runtime:
         settings: Settings,
         role: Role,
         registry: ModelRegistry,
-        state: StateStore,
-        bus: EventBus,
-        queue: JobQueue | None,
-        images: ImageStore,
+        stores: SharedStores,
     ) -> AsyncIterator[Runtime]:
+        state, bus, queue, images = stores.state, stores.bus, stores.queue, stores.images
         guard = OutboundGuard(settings.allow_private_networks)
         outbound = OutboundClient.create(guard)
         devices = DevicePool(settings.devices, settings.vram_budget_gb, settings.torch_threads)
@@ -218,7 +180,7 @@ class Runtime:
             entry = registry.resolve(air).target
             return await asyncio.to_thread(create_backend, entry, context)
 
-        metrics = Metrics()
+        metrics = Metrics(max_key_labels=settings.metrics_max_keys)
         scheduler = Scheduler(
             load_backend,
             batch_wait_s=settings.batch_wait_ms / 1000,
@@ -254,6 +216,7 @@ class Runtime:
             unavailable=unavailable_models(registry, context),
             queue=queue if role == "api" else None,
             max_queued=settings.max_queued_images,
+            meter=UsageMeter(state, stores.tenancy, metrics),
         )
         outbox = Outbox(
             state,
@@ -290,8 +253,16 @@ class Runtime:
             image_base_url=settings.image_base_url,
             output_retention_s=settings.output_retention_s,
         )
+        directory = KeyDirectory(
+            settings.api_keys,
+            stores.tenancy,
+            stores.limiter,
+            failures_per_minute=settings.auth_failures_per_minute,
+            refresh_s=settings.key_refresh_s,
+        )
+        await directory.refresh()
         dispatcher = TaskDispatcher(
-            auth=Authenticator(settings.api_keys),
+            auth=directory,
             bus=bus,
             inference=inference,
             uploads=uploads,
@@ -301,6 +272,8 @@ class Runtime:
             max_tasks=settings.max_tasks_per_request,
             metrics=metrics,
             preprocess=preprocess,
+            quotas=QuotaGate(stores.limiter, state),
+            account=AccountService(state, stores.tenancy, stores.tenancy),
         )
         sweeper = Sweeper(
             state,
@@ -347,12 +320,14 @@ class Runtime:
             )
             log.info("worker serving %s", ", ".join(airs))
         metrics.track(scheduler.queued, lambda: len(runtime.sessions))
+        directory.on_revoked(runtime.sessions.revoke)
         if role == "single":
             # Distributed jobs are not lost with a process: the queue's leases hand them on.
             await runtime._recover()
         runtime.supervisor.start("sweeper", sweeper.run)
         runtime.supervisor.start("outbox", outbox.run)
         runtime.supervisor.start("sessions", runtime.sessions.run)
+        runtime.supervisor.start("keys", directory.run)
         # In the background: /healthz answers (and /readyz says what is loading) meanwhile,
         # and tasks for a model being loaded wait for it in its queue.
         preloading = asyncio.create_task(runtime.preload.run())

@@ -65,8 +65,30 @@ class Session:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned = False
+        self._revoke_callbacks: list[Callable[[], None]] = []
         self.dropped = 0
         self.detached_at: float | None = clock()
+
+    def on_revoke(self, callback: Callable[[], None]) -> None:
+        """Called (by the connection that holds this session) when its key is revoked."""
+        if callback not in self._revoke_callbacks:
+            self._revoke_callbacks.append(callback)
+
+    def forget_revoke(self, callback: Callable[[], None]) -> None:
+        if callback in self._revoke_callbacks:
+            self._revoke_callbacks.remove(callback)
+
+    def revoke(self) -> None:
+        """Its key was revoked: tell its connection (which closes the socket) and keep
+        nothing for a client that can no longer authenticate."""
+        callbacks, self._revoke_callbacks = self._revoke_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("closing a revoked session's socket failed")
+        self._sender = None
+        self.close()
 
     @property
     def attached(self) -> bool:
@@ -241,6 +263,17 @@ class SessionRegistry:
             session.close()
             del self._sessions[session.session_uuid]
         return len(expired)
+
+    def revoke(self, owner: str) -> int:
+        """Close and forget every session opened with the key whose digest is `owner` (its
+        sockets close); how many there were."""
+        revoked = [s for s in self._sessions.values() if hmac.compare_digest(s.owner, owner)]
+        for session in revoked:
+            session.revoke()
+            del self._sessions[session.session_uuid]
+        if revoked:
+            log.info("closed %d WebSocket session(s) of a revoked API key", len(revoked))
+        return len(revoked)
 
     def __len__(self) -> int:
         return len(self._sessions)
