@@ -248,13 +248,10 @@ def usage(
     start = parse_since(since, now) if since else None
 
     async def work(store: TenancyStore) -> list[UsageTotals]:
-        ids: list[str] = []
-        if key:
-            ids = [k.key_id for k in await store.list_keys() if key in (k.key_id, k.name)]
-            if not ids:
-                # Usage of an operator key or an open server is under a name of its own.
-                ids = [key]
-        return await store.usage_totals(key_ids=ids, since=start)
+        rows = await store.usage_totals(since=start)
+        # By id or by name: a name covers every key it was given (revoked ones too), and
+        # operator keys and an open server have names but no managed key.
+        return [r for r in rows if key in (r.key_id, r.key_name)] if key else rows
 
     rows = with_store(state, work)
     totals = {
