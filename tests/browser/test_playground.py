@@ -277,3 +277,24 @@ def test_size_picker_lists_the_sizes_modelsearch_reports(
     playground.choose_size(128, 128)
     expect(playground.testid("width")).to_be_hidden()
     assert playground.problems == []
+
+
+def test_private_images_are_shown_by_fetching_them_with_the_key(
+    playground: Playground, server_factory: Callable[..., RunningServer]
+) -> None:
+    server = server_factory(api_keys=["k1"], safety_checker="none", private_images=True)
+    playground.open(server)
+    playground.testid("api-key").fill("k1")
+    playground.testid("apply-key").click()
+    playground.wait_ready("impasto:tiny@1")
+    playground.choose_size(64, 64)
+    playground.testid("steps").fill("1")
+    playground.testid("prompt").fill("only for k1")
+    playground.testid("generate").click()
+    tile = playground.testid("gallery-item")
+    expect(tile).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
+    expect(tile).to_have_attribute("data-loaded", "true")
+    assert tile.get_by_role("img").get_attribute("src").startswith("blob:")
+    expect(tile.get_by_test_id("pixel-size")).to_have_text("64 \u00d7 64")
+    # The first, keyless load of the URL is refused; that is the only complaint.
+    assert all("401" in problem for problem in playground.problems), playground.problems

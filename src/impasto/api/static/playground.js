@@ -786,7 +786,27 @@
         this.node.dataset.height = String(img.naturalHeight);
         this.node.dataset.loaded = "true";
       });
-      img.addEventListener("error", () => this.expired("The image is no longer stored (its URL expired)."));
+      // A server with IMPASTO_PRIVATE_IMAGES wants the key on /image/: fetch the image with
+      // it once and show it from a blob URL. Anything else that fails has expired.
+      let retried = false;
+      img.addEventListener("error", async () => {
+        const key = conn.key();
+        let sameOrigin = false;
+        try { sameOrigin = new URL(url, location.href).origin === location.origin; } catch (_) { /* not a URL */ }
+        if (!retried && key && sameOrigin && !url.startsWith("blob:")) {
+          retried = true;
+          try {
+            const response = await fetch(url, { headers: { Authorization: `Bearer ${key}` } });
+            if (response.ok) {
+              const local = URL.createObjectURL(await response.blob());
+              img.src = local;
+              for (const link of this.node.querySelectorAll("a")) link.href = local;
+              return;
+            }
+          } catch (_) { /* fall through */ }
+        }
+        this.expired("The image is no longer stored (its URL expired).");
+      });
       const facts = h("dl", { class: "facts" },
         h("dt", {}, "seed"), h("dd", { "data-testid": "seed-value" }, item.seed !== undefined ? String(item.seed) : "–"),
         h("dt", {}, "cost"), h("dd", { "data-testid": "cost" }, item.cost !== undefined ? `$${item.cost}` : "–"),
