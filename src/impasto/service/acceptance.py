@@ -166,7 +166,8 @@ class TaskAcceptance:
             )
         await self._check_capacity(resolved, task.numberResults)
         await self._vet_destinations(task)
-        inputs = await resolve_slots(self._resolver, slots)
+        owner = principal.owner if principal is not None and principal.owner else None
+        inputs = await resolve_slots(self._resolver, slots, owner)
         check_inputs(task, slots, inputs, resolved.rules.sizes)
         images = task_images(task, slots, inputs)
         await self._safety.screen_input(task, images.references, screened_inputs(task, images))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -120,21 +121,27 @@ class ImageResolver:
         max_bytes: int,
         max_pixels: int,
         fetch_timeout_s: float,
+        private: bool = False,
     ) -> None:
         self._state = state
+        # IMPASTO_PRIVATE_IMAGES: a stored image is named (by UUID) only by the key that made
+        # or uploaded it; otherwise its UUID is a capability, like its URL.
+        self._private = private
         self._images = images
         self._outbound = outbound
         self._max_bytes = max_bytes
         self._max_pixels = max_pixels
         self._fetch_timeout_s = fetch_timeout_s
 
-    async def resolve(self, value: str, *, parameter: str, code: str) -> ImageInput:
+    async def resolve(
+        self, value: str, *, parameter: str, code: str, owner: str | None = None
+    ) -> ImageInput:
         def refuse(message: str) -> InvalidParameter:
             return InvalidParameter(f"{parameter}: {message}.", code=code, parameter=parameter)
 
         url: str | None = None
         if is_uuid4(value):
-            data = await self._stored(value)
+            data = await self._stored(value, owner)
             if data is None:
                 raise refuse(f"no image with UUID {value} (unknown or expired)")
         elif value[:8].lower() == "https://" or value[:7].lower() == "http://":
@@ -166,8 +173,21 @@ class ImageResolver:
             stored_uuid=value if is_uuid4(value) else None,
         )
 
-    async def _stored(self, image_uuid: str) -> bytes | None:
+    async def _stored(self, image_uuid: str, owner: str | None) -> bytes | None:
         record = await self._state.get_image(image_uuid)
         if record is None or record.expires_at <= time.time():
             return None
+        if self._private and owner is not None and not await self._owned(record, owner):
+            return None
         return await self._images.get(record.key)
+
+    async def _owned(self, record: ImageRecord, owner: str) -> bool:
+        """Whether the key whose digest is `owner` made the image's task (one with no owner,
+        made while the server was open, is anybody's)."""
+        if record.task_uuid is None:
+            return False
+        task = await self._state.get_task(record.task_uuid)
+        task_owner = task.extra.get("owner") if task is not None else None
+        return task is not None and (
+            task_owner is None or hmac.compare_digest(str(task_owner), owner)
+        )

@@ -266,7 +266,7 @@ class PreprocessService:
             )
         await self._uploads.ensure_unused(job.task_uuid)
         source = await self._resolver.resolve(
-            job.image, parameter=job.image_parameter, code=job.image_code
+            job.image, parameter=job.image_parameter, code=job.image_code, owner=owner
         )
         guide = await asyncio.to_thread(self._guide, job, source.image)
         stored_input = None if source.stored_uuid else await self._uploads.prepare(source)

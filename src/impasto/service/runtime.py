@@ -194,6 +194,7 @@ class Runtime:
             max_bytes=settings.max_fetch_bytes,
             max_pixels=settings.max_image_pixels,
             fetch_timeout_s=settings.fetch_timeout_s,
+            private=settings.private_images,
         )
         # The outbox's wake-up, made first: inference queues deliveries and wakes the outbox,
         # the outbox reports settled uploads back to inference.

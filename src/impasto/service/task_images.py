@@ -71,7 +71,9 @@ def slots_of(task: ImageInferenceIn) -> list[Slot]:
     return slots
 
 
-async def resolve_slots(resolver: ImageResolver, slots: list[Slot]) -> list[ImageInput]:
+async def resolve_slots(
+    resolver: ImageResolver, slots: list[Slot], owner: str | None = None
+) -> list[ImageInput]:
     """Each distinct image string is fetched and decoded once, however many slots name it (a
     photo that is both the seed and the ControlNet guide); errors name its first slot."""
     first: dict[str, Slot] = {}
@@ -79,7 +81,9 @@ async def resolve_slots(resolver: ImageResolver, slots: list[Slot]) -> list[Imag
         first.setdefault(slot.value, slot)
 
     async def one(slot: Slot) -> ImageInput:
-        return await resolver.resolve(slot.value, parameter=slot.parameter, code=slot.code)
+        return await resolver.resolve(
+            slot.value, parameter=slot.parameter, code=slot.code, owner=owner
+        )
 
     unique = list(first.values())
     resolved = dict(

@@ -201,7 +201,7 @@ class UploadService:
         reply: Callable[[StoredUpload], dict[str, Any]],
     ) -> dict[str, Any]:
         await self.ensure_unused(task_uuid)
-        source = await self._resolver.resolve(value, parameter=parameter, code=code)
+        source = await self._resolver.resolve(value, parameter=parameter, code=code, owner=owner)
         prepared = await self.prepare(source)
 
         async def work(now: float) -> dict[str, Any]:
