@@ -143,6 +143,32 @@ def test_close_cancels_every_loop_and_none_is_restarted() -> None:
     run(test)
 
 
+def test_close_cancels_again_a_loop_that_swallowed_its_cancellation() -> None:
+    """As asyncio.wait_for does on Python 3.11 when the awaited call completes just as the
+    cancellation arrives (redis-py sends every command through it)."""
+
+    async def test() -> None:
+        swallowed = 0
+
+        async def stubborn() -> None:
+            nonlocal swallowed
+            while True:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed += 1
+
+        supervisor = Supervisor(sleep=RecordingSleep())
+        supervisor.start("keys", stubborn)
+        await asyncio.sleep(0)
+        await asyncio.wait_for(supervisor.close(recancel_s=0.01), 10)
+        assert swallowed == 1
+
+    run(test)
+
+
 def test_cancelling_a_loop_stops_its_supervision() -> None:
     async def test() -> None:
         sleep = RecordingSleep()

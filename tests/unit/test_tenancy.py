@@ -192,8 +192,13 @@ def test_revoked_and_expired_keys_are_refused_and_reported_once_at_refresh() -> 
         assert gone == [key_a.digest, key_b.digest]
         await directory.refresh()
         assert len(gone) == 2
-        # Every managed key is gone: the server would be open again.
-        assert directory.open
+        # No key is usable any more, and the server stays closed: revoking the last key
+        # must not let everyone in.
+        assert not directory.open
+        with pytest.raises(AuthError):
+            await directory.authenticate(None)
+        with pytest.raises(AuthError):
+            await directory.authenticate(secret_a)
 
     run(scenario())
 

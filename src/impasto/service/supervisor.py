@@ -91,8 +91,15 @@ class Supervisor:
     def states(self) -> dict[str, LoopState]:
         return dict(self._loops)
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+    async def close(self, recancel_s: float = 1.0) -> None:
+        """Cancel every loop and wait for them to end. A loop still running `recancel_s`
+        after its cancellation is cancelled again: on Python 3.11 `asyncio.wait_for` (which
+        redis-py sends every command through) drops a cancellation that arrives as its
+        command completes, and the loop would go on forever."""
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=recancel_s)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()

@@ -7,7 +7,8 @@ a node within that time, and authentication costs no round trip. A key this node
 yet (made a moment ago) is looked up once by its digest.
 
 The server is open (no key needed, tasks belong to nobody) only while there are neither
-operator keys nor active managed keys: making the first key closes it.
+operator keys nor managed keys: making the first key closes it, and revoking every key does
+not open it again.
 
 Failed authentications are throttled per client address (a token bucket of
 `failures_per_minute` on the shared RateLimiter): past it, every attempt from that address,
@@ -70,9 +71,9 @@ class KeyDirectory:
 
     @property
     def open(self) -> bool:
-        """No key is needed: no operator keys, and no managed key was usable at the last
-        refresh."""
-        return not self._operators and not self._usable
+        """No key is needed: there are no operator keys and no managed key was ever made
+        (revoking or outliving the last one does not open the server)."""
+        return not self._operators and not self._keys
 
     def on_revoked(self, callback: RevokedCallback) -> None:
         self._on_revoked.append(callback)
