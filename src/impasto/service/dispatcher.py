@@ -227,11 +227,7 @@ class TaskDispatcher:
             return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
         if isinstance(task, AccountManagementIn | GetTaskDetailsIn):
             if self._account is None:
-                raise InvalidParameter(
-                    f"This server does not run {task.taskType} tasks.",
-                    code="unsupportedTaskType",
-                    parameter="taskType",
-                )
+                raise not_run_here(task.taskType)
             if isinstance(task, AccountManagementIn):
                 return Envelope(data=[await self._account.details(task, principal)])
             return Envelope(data=[await self._account.task_details(task, principal)])
@@ -246,11 +242,7 @@ class TaskDispatcher:
             return Envelope(data=[await self._uploads.media_storage(task, owner)])
         if isinstance(task, ImageControlNetPreProcessIn | ControlNetPreprocessIn):
             if self._preprocess is None:
-                raise InvalidParameter(
-                    f"This server does not run {task.taskType} tasks.",
-                    code="unsupportedTaskType",
-                    parameter="taskType",
-                )
+                raise not_run_here(task.taskType)
             return Envelope(data=[await self._preprocess.run(task, owner)])
         if isinstance(task, GetResponseIn):
             return Envelope(data=await self._responses.items(task, owner))
@@ -298,6 +290,14 @@ class TaskDispatcher:
                 return
             if failures:
                 yield Envelope(errors=[after_acceptance(e) for e in failures])
+
+
+def not_run_here(task_type: str) -> InvalidParameter:
+    return InvalidParameter(
+        f"This server does not run {task_type} tasks.",
+        code="unsupportedTaskType",
+        parameter="taskType",
+    )
 
 
 def too_many_tasks(count: int, limit: int) -> ImpastoError:

@@ -48,336 +48,62 @@ redis-py reconnects on the next call.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 
 from impasto.protocol.errors import ConflictTaskUUID
 from impasto.state.records import (
-    DeliveryKind,
     DeliveryRecord,
     DeliveryStatus,
-    ImageKind,
     ImageRecord,
     ResultRecord,
-    ResultStatus,
     TaskRecord,
     TaskStatus,
     TaskView,
 )
-from impasto.state.redis_errors import (
-    RedisFailures,
-    guarded,
-    reconnecting_retry,
-    redis_location,
+from impasto.state.redis_client import ScriptedRedis
+from impasto.state.redis_errors import guarded
+from impasto.state.redis_records import (
+    deliveries_arg,
+    delivery_of,
+    float_text,
+    image_fields,
+    image_of,
+    pairs,
+    results_of,
+    task_fields,
+    task_of,
 )
-
-# Shared by the scripts that queue deliveries. `batch` is the JSON that _deliveries_arg builds:
-# [{"id", "task", "pending", "due", "fields": [name, value, ...]}], every value a string.
-_LUA_DELIVERIES = """
-local function decode_new_deliveries(prefix, encoded)
-  local batch = cjson.decode(encoded)
-  local seen = {}
-  for _, d in ipairs(batch) do
-    if seen[d.id] or redis.call('EXISTS', prefix .. ':delivery:' .. d.id) == 1 then
-      return nil, d.id
-    end
-    seen[d.id] = true
-  end
-  return batch, nil
-end
-
-local function insert_deliveries(prefix, batch)
-  for _, d in ipairs(batch) do
-    redis.call('HSET', prefix .. ':delivery:' .. d.id, unpack(d.fields))
-    redis.call('RPUSH', prefix .. ':task-deliveries:' .. d.task, d.id)
-    if d.pending then
-      redis.call('ZADD', prefix .. ':deliveries:pending', d.due, d.id)
-    end
-  end
-end
-"""
-
-# KEYS: task, processing, finished. ARGV: uuid, processing score or '', finished score or '',
-# then the hash's field/value pairs.
-_CREATE_TASK = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if ARGV[2] ~= '' then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1]) end
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
-return 1
-"""
-
-# KEYS: task, processing, finished, progress. ARGV: prefix, uuid, status, error or '', at,
-# deliveries. Returns 1, 0 (already finished) or the id of a delivery that already exists.
-_FINISH_TASK = (
-    _LUA_DELIVERIES
-    + """
--- Like SqliteStateStore, progress is dropped whether or not this call finishes the task.
-redis.call('DEL', KEYS[4])
-if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return 0 end
-local batch, duplicate = decode_new_deliveries(ARGV[1], ARGV[6])
-if duplicate then return duplicate end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finished_at', ARGV[5])
-if ARGV[4] == '' then
-  redis.call('HDEL', KEYS[1], 'error')
-else
-  redis.call('HSET', KEYS[1], 'error', ARGV[4])
-end
-if ARGV[3] ~= 'processing' then redis.call('ZREM', KEYS[2], ARGV[2]) end
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
-insert_deliveries(ARGV[1], batch)
-return 1
-"""
+from impasto.state.redis_scripts import (
+    ADD_RESULT,
+    CLAIM_DELIVERIES,
+    CREATE_TASK,
+    FINISH_TASK,
+    REPLACE_EXTRA,
+    RESCHEDULE_DELIVERY,
+    SETTLE_DELIVERY,
+    SWEEP_TASKS,
 )
-
-# KEYS: task. ARGV: the extra JSON read before merging, the merged JSON.
-# Returns -1 (no such task), 0 (extra changed meanwhile: merge again) or 1.
-_REPLACE_EXTRA = """
-local current = redis.call('HGET', KEYS[1], 'extra')
-if not current then return -1 end
-if current ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'extra', ARGV[2])
-return 1
-"""
-
-# KEYS: results, progress. ARGV: prefix, index, encoded result, deliveries.
-# Returns 1, 0 (index already stored) or the id of a delivery that already exists.
-_ADD_RESULT = (
-    _LUA_DELIVERIES
-    + """
-if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return 0 end
-local batch, duplicate = decode_new_deliveries(ARGV[1], ARGV[4])
-if duplicate then return duplicate end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('HDEL', KEYS[2], ARGV[2])
-insert_deliveries(ARGV[1], batch)
-return 1
-"""
-)
-
-# KEYS: pending. ARGV: prefix, now, limit, lease deadline. Returns each claimed delivery's
-# hash as it was before the claim (what SqliteStateStore returns too).
-_CLAIM_DELIVERIES = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-local claimed = {}
-for _, id in ipairs(ids) do
-  local key = ARGV[1] .. ':delivery:' .. id
-  local fields = redis.call('HGETALL', key)
-  if #fields == 0 then
-    -- An index entry without its hash would otherwise be re-claimed forever.
-    redis.call('ZREM', KEYS[1], id)
-  else
-    claimed[#claimed + 1] = {id, fields}
-    redis.call('HSET', key, 'next_attempt_at', ARGV[4])
-    redis.call('ZADD', KEYS[1], ARGV[4], id)
-  end
-end
-return claimed
-"""
-
-# KEYS: delivery, pending. ARGV: id, attempts, next attempt, error.
-_RESCHEDULE_DELIVERY = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-redis.call('HSET', KEYS[1], 'attempts', ARGV[2], 'next_attempt_at', ARGV[3],
-           'last_error', ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-return 1
-"""
-
-# KEYS: delivery, pending. ARGV: prefix, id, status, attempts, error or '', follow-ups.
-# Returns 1, 0 (already settled) or the id of a follow-up that already exists.
-_SETTLE_DELIVERY = (
-    _LUA_DELIVERIES
-    + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-local batch, duplicate = decode_new_deliveries(ARGV[1], ARGV[6])
-if duplicate then return duplicate end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
-if ARGV[5] == '' then
-  redis.call('HDEL', KEYS[1], 'last_error')
-else
-  redis.call('HSET', KEYS[1], 'last_error', ARGV[5])
-end
-if ARGV[3] ~= 'pending' then redis.call('ZREM', KEYS[2], ARGV[2]) end
-insert_deliveries(ARGV[1], batch)
-return 1
-"""
-)
-
-# KEYS: finished, processing. ARGV: prefix, finished before (exclusive), batch size.
-# Deletes each task, its results and its settled deliveries; pending deliveries stay queued.
-_SWEEP_TASKS = """
-local uuids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
-for _, uuid in ipairs(uuids) do
-  redis.call('DEL', ARGV[1] .. ':task:' .. uuid, ARGV[1] .. ':results:' .. uuid)
-  local list = ARGV[1] .. ':task-deliveries:' .. uuid
-  for _, id in ipairs(redis.call('LRANGE', list, 0, -1)) do
-    local key = ARGV[1] .. ':delivery:' .. id
-    if redis.call('HGET', key, 'status') ~= 'pending' then
-      redis.call('DEL', key)
-      redis.call('LREM', list, 0, id)
-    end
-  end
-  redis.call('ZREM', KEYS[1], uuid)
-  redis.call('ZREM', KEYS[2], uuid)
-end
-return #uuids
-"""
 
 # One sweep script call handles at most this many tasks, so it never blocks Redis for long.
 SWEEP_BATCH = 200
 
 
-def _float(value: float) -> str:
-    return repr(float(value))
-
-
-def _task_fields(task: TaskRecord) -> list[str]:
-    fields = {
-        "task_type": task.task_type,
-        "request": json.dumps(task.request),
-        "expected": str(task.expected),
-        "status": task.status,
-        "extra": json.dumps(task.extra),
-        "created_at": _float(task.created_at),
-    }
-    if task.model is not None:
-        fields["model"] = task.model
-    # compat: SqliteStateStore stores a falsy error as NULL, so `{}` reads back as None.
-    if task.error:
-        fields["error"] = json.dumps(task.error)
-    if task.finished_at is not None:
-        fields["finished_at"] = _float(task.finished_at)
-    return [part for pair in fields.items() for part in pair]
-
-
-def _results(task_uuid: str, stored: dict[str, str]) -> list[ResultRecord]:
-    records = []
-    for index in sorted(stored, key=int):
-        value = json.loads(stored[index])
-        records.append(
-            ResultRecord(
-                task_uuid=task_uuid,
-                index=int(index),
-                status=cast(ResultStatus, value["status"]),
-                item=value["item"],
-                created_at=float(value["created_at"]),
-            )
-        )
-    return records
-
-
-def _task(task_uuid: str, h: dict[str, str]) -> TaskRecord:
-    return TaskRecord(
-        task_uuid=task_uuid,
-        task_type=h["task_type"],
-        model=h.get("model"),
-        request=json.loads(h["request"]),
-        expected=int(h["expected"]),
-        status=cast(TaskStatus, h["status"]),
-        error=json.loads(h["error"]) if "error" in h else None,
-        extra=json.loads(h["extra"]),
-        created_at=float(h["created_at"]),
-        finished_at=float(h["finished_at"]) if "finished_at" in h else None,
-    )
-
-
-def _delivery_fields(d: DeliveryRecord) -> list[str]:
-    fields = {
-        "task_uuid": d.task_uuid,
-        "kind": d.kind,
-        "url": d.url,
-        "payload": d.payload,
-        "content_type": d.content_type,
-        "attempts": str(d.attempts),
-        "status": d.status,
-        "created_at": _float(d.created_at),
-        "next_attempt_at": _float(d.next_attempt_at),
-    }
-    if d.index is not None:
-        fields["index"] = str(d.index)
-    # Falsy JSON is stored as absent, like SqliteStateStore's NULL.
-    if d.last_error:
-        fields["last_error"] = json.dumps(d.last_error)
-    if d.then:
-        fields["then"] = json.dumps(d.then)
-    return [part for pair in fields.items() for part in pair]
-
-
-def _deliveries_arg(deliveries: Sequence[DeliveryRecord]) -> str:
-    # ensure_ascii=False: the strings reach Lua as UTF-8 and cjson has no escapes to undo.
-    return json.dumps(
-        [
-            {
-                "id": d.delivery_id,
-                "task": d.task_uuid,
-                "pending": d.status == "pending",
-                "due": _float(d.next_attempt_at),
-                "fields": _delivery_fields(d),
-            }
-            for d in deliveries
-        ],
-        ensure_ascii=False,
-    )
-
-
-def _delivery(delivery_id: str, h: dict[str, str]) -> DeliveryRecord:
-    return DeliveryRecord(
-        delivery_id=delivery_id,
-        task_uuid=h["task_uuid"],
-        index=int(h["index"]) if "index" in h else None,
-        kind=cast(DeliveryKind, h["kind"]),
-        url=h["url"],
-        payload=h["payload"],
-        content_type=h["content_type"],
-        attempts=int(h["attempts"]),
-        status=cast(DeliveryStatus, h["status"]),
-        last_error=json.loads(h["last_error"]) if "last_error" in h else None,
-        then=json.loads(h["then"]) if "then" in h else None,
-        created_at=float(h["created_at"]),
-        next_attempt_at=float(h["next_attempt_at"]),
-    )
-
-
-def _image_fields(image: ImageRecord) -> dict[str, str]:
-    fields = {
-        "key": image.key,
-        "content_type": image.content_type,
-        "kind": image.kind,
-        "width": str(image.width),
-        "height": str(image.height),
-        "created_at": _float(image.created_at),
-        "expires_at": _float(image.expires_at),
-    }
-    if image.task_uuid is not None:
-        fields["task_uuid"] = image.task_uuid
-    return fields
-
-
-def _image(image_uuid: str, h: dict[str, str]) -> ImageRecord:
-    return ImageRecord(
-        image_uuid=image_uuid,
-        key=h["key"],
-        content_type=h["content_type"],
-        kind=cast(ImageKind, h["kind"]),
-        width=int(h["width"]),
-        height=int(h["height"]),
-        task_uuid=h.get("task_uuid"),
-        created_at=float(h["created_at"]),
-        expires_at=float(h["expires_at"]),
-    )
-
-
-def _pairs(flat: list[str]) -> dict[str, str]:
-    """A hash as HGETALL returns it from inside a script: [field, value, field, value, ...]."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-class RedisStateStore:
+class RedisStateStore(ScriptedRedis):
     """StateStore on a Redis server, shared by many API nodes and workers (layout above)."""
+
+    SCRIPTS: ClassVar[Mapping[str, str]] = {
+        "create_task": CREATE_TASK,
+        "finish_task": FINISH_TASK,
+        "replace_extra": REPLACE_EXTRA,
+        "add_result": ADD_RESULT,
+        "claim_deliveries": CLAIM_DELIVERIES,
+        "reschedule_delivery": RESCHEDULE_DELIVERY,
+        "settle_delivery": SETTLE_DELIVERY,
+        "sweep_tasks": SWEEP_TASKS,
+    }
 
     def __init__(
         self,
@@ -388,58 +114,14 @@ class RedisStateStore:
         retry: Retry | None = None,
         ping_timeout_s: float = 2.0,
     ) -> None:
-        self._url = url
+        super().__init__(url, "the state store", retry=retry, ping_timeout_s=ping_timeout_s)
         self._prefix = prefix
-        self._retry = retry if retry is not None else reconnecting_retry()
-        self._ping_timeout_s = ping_timeout_s
-        self._failures = RedisFailures(f"the state store ({redis_location(url)})")
         # Progress is refreshed at every step; the TTL only reclaims what a dead node left.
         self._progress_ttl_s = progress_ttl_s
-        self._client: Any = None
-        self._scripts: dict[str, Any] = {}
         self._processing = f"{prefix}:tasks:processing"
         self._finished = f"{prefix}:tasks:finished"
         self._pending = f"{prefix}:deliveries:pending"
         self._expiry = f"{prefix}:images:expiry"
-
-    @guarded
-    async def open(self) -> None:
-        """Connect, and fail now rather than at the first request if Redis is unreachable."""
-        options: dict[str, Any] = {"retry": self._retry}
-        client = Redis.from_url(self._url, decode_responses=True, **options)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("create_task", _CREATE_TASK),
-                ("finish_task", _FINISH_TASK),
-                ("replace_extra", _REPLACE_EXTRA),
-                ("add_result", _ADD_RESULT),
-                ("claim_deliveries", _CLAIM_DELIVERIES),
-                ("reschedule_delivery", _RESCHEDULE_DELIVERY),
-                ("settle_delivery", _SETTLE_DELIVERY),
-                ("sweep_tasks", _SWEEP_TASKS),
-            )
-        }
-
-    @property
-    def _redis(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("RedisStateStore used before open()")
-        return self._client
-
-    async def ping(self) -> None:
-        """Raise ServiceUnavailable unless Redis answers a PING in time."""
-        await self._failures.ping(self._redis, self._ping_timeout_s)
-
-    async def _script(self, name: str, keys: list[str], args: list[str | int]) -> Any:
-        redis = self._redis  # raises before open(), like every other method
-        return await self._scripts[name](keys=keys, args=args, client=redis)
 
     def _task_key(self, task_uuid: str) -> str:
         return f"{self._prefix}:task:{task_uuid}"
@@ -475,9 +157,9 @@ class RedisStateStore:
             [self._task_key(task.task_uuid), self._processing, self._finished],
             [
                 task.task_uuid,
-                _float(task.created_at) if task.status == "processing" else "",
-                _float(task.finished_at) if task.finished_at is not None else "",
-                *_task_fields(task),
+                float_text(task.created_at) if task.status == "processing" else "",
+                float_text(task.finished_at) if task.finished_at is not None else "",
+                *task_fields(task),
             ],
         )
         if not created:
@@ -491,7 +173,7 @@ class RedisStateStore:
     async def get_task(self, task_uuid: str) -> TaskRecord | None:
         """The task, or None if unknown or swept."""
         h = await self._redis.hgetall(self._task_key(task_uuid))
-        return _task(task_uuid, h) if h else None
+        return task_of(task_uuid, h) if h else None
 
     @guarded
     async def finish_task(
@@ -516,8 +198,8 @@ class RedisStateStore:
                 task_uuid,
                 status,
                 json.dumps(error) if error else "",
-                _float(at),
-                _deliveries_arg(deliveries),
+                float_text(at),
+                deliveries_arg(deliveries),
             ],
         )
         return self._check_inserted(outcome)
@@ -553,7 +235,7 @@ class RedisStateStore:
         outcome = await self._script(
             "add_result",
             [self._results_key(result.task_uuid), self._progress_key(result.task_uuid)],
-            [self._prefix, str(result.index), encoded, _deliveries_arg(deliveries)],
+            [self._prefix, str(result.index), encoded, deliveries_arg(deliveries)],
         )
         return self._check_inserted(outcome)
 
@@ -561,7 +243,7 @@ class RedisStateStore:
     async def results(self, task_uuid: str) -> list[ResultRecord]:
         """All stored results of a task, by index."""
         stored: dict[str, str] = await self._redis.hgetall(self._results_key(task_uuid))
-        return _results(task_uuid, stored)
+        return results_of(task_uuid, stored)
 
     @guarded
     async def task_view(self, task_uuid: str) -> TaskView | None:
@@ -574,7 +256,7 @@ class RedisStateStore:
         if not fields:
             return None
         deliveries = await self._deliveries_of(ids) if ids else []
-        return TaskView(_task(task_uuid, fields), _results(task_uuid, stored), deliveries)
+        return TaskView(task_of(task_uuid, fields), results_of(task_uuid, stored), deliveries)
 
     @guarded
     async def set_progress(self, task_uuid: str, index: int, percent: int) -> None:
@@ -600,7 +282,7 @@ class RedisStateStore:
                 pipe.hgetall(self._task_key(task_uuid))
             hashes: list[dict[str, str]] = await pipe.execute()
         # A task swept between the two reads is simply left out.
-        return [_task(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
+        return [task_of(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
 
     @guarded
     async def deliveries(self, task_uuid: str) -> list[DeliveryRecord]:
@@ -613,7 +295,7 @@ class RedisStateStore:
             for delivery_id in ids:
                 pipe.hgetall(self._delivery_key(delivery_id))
             hashes: list[dict[str, str]] = await pipe.execute()
-        records = [_delivery(i, h) for i, h in zip(ids, hashes, strict=True) if h]
+        records = [delivery_of(i, h) for i, h in zip(ids, hashes, strict=True) if h]
         # A stable sort over insertion order: ties keep the order they were queued in.
         records.sort(key=lambda d: (d.created_at, d.index is not None, d.index or 0))
         return records
@@ -626,9 +308,9 @@ class RedisStateStore:
         claimed: list[list[Any]] = await self._script(
             "claim_deliveries",
             [self._pending],
-            [self._prefix, _float(now), limit, _float(now + lease_s)],
+            [self._prefix, float_text(now), limit, float_text(now + lease_s)],
         )
-        return [_delivery(str(i), _pairs(flat)) for i, flat in claimed]
+        return [delivery_of(str(i), pairs(flat)) for i, flat in claimed]
 
     @guarded
     async def next_delivery_at(self) -> float | None:
@@ -647,7 +329,7 @@ class RedisStateStore:
             "reschedule_delivery",
             [self._delivery_key(delivery_id), self._pending],
             # SqliteStateStore stores this error even when empty, so `{}` reads back as {}.
-            [delivery_id, str(attempts), _float(next_attempt_at), json.dumps(error)],
+            [delivery_id, str(attempts), float_text(next_attempt_at), json.dumps(error)],
         )
 
     @guarded
@@ -669,7 +351,7 @@ class RedisStateStore:
                 status,
                 str(attempts),
                 json.dumps(error) if error else "",
-                _deliveries_arg(follow_ups),
+                deliveries_arg(follow_ups),
             ],
         )
         return self._check_inserted(outcome)
@@ -681,7 +363,7 @@ class RedisStateStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             # Replace, not merge: a field that became None must disappear.
             pipe.delete(key)
-            pipe.hset(key, mapping=_image_fields(image))
+            pipe.hset(key, mapping=image_fields(image))
             pipe.zadd(self._expiry, {image.image_uuid: float(image.expires_at)})
             await pipe.execute()
 
@@ -689,7 +371,7 @@ class RedisStateStore:
     async def get_image(self, image_uuid: str) -> ImageRecord | None:
         """The image record, or None."""
         h = await self._redis.hgetall(self._image_key(image_uuid))
-        return _image(image_uuid, h) if h else None
+        return image_of(image_uuid, h) if h else None
 
     @guarded
     async def delete_image(self, image_uuid: str) -> None:
@@ -703,13 +385,13 @@ class RedisStateStore:
     async def expired_images(self, now: float, limit: int) -> list[ImageRecord]:
         """Images whose expiry has passed, soonest first."""
         uuids: list[str] = await self._redis.zrangebyscore(
-            self._expiry, "-inf", _float(now), start=0, num=limit
+            self._expiry, "-inf", float_text(now), start=0, num=limit
         )
         async with self._redis.pipeline(transaction=False) as pipe:
             for image_uuid in uuids:
                 pipe.hgetall(self._image_key(image_uuid))
             hashes: list[dict[str, str]] = await pipe.execute()
-        return [_image(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
+        return [image_of(u, h) for u, h in zip(uuids, hashes, strict=True) if h]
 
     @guarded
     async def sweep_tasks(self, finished_before: float) -> int:
@@ -724,15 +406,9 @@ class RedisStateStore:
                 await self._script(
                     "sweep_tasks",
                     [self._finished, self._processing],
-                    [self._prefix, _float(finished_before), SWEEP_BATCH],
+                    [self._prefix, float_text(finished_before), SWEEP_BATCH],
                 )
             )
             swept += count
             if count < SWEEP_BATCH:
                 return swept
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()

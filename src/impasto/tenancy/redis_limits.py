@@ -33,18 +33,13 @@ Every method raises ServiceUnavailable when Redis cannot be used (see RedisFailu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 
-from impasto.state.redis_errors import (
-    RedisFailures,
-    guarded,
-    reconnecting_retry,
-    redis_location,
-)
+from impasto.state.redis_client import ScriptedRedis
+from impasto.state.redis_errors import guarded
 from impasto.tenancy.limits import Bucket, refilled, wait_for
 
 # A little over the minute that refills any bucket, so clocks a little apart lose nothing.
@@ -98,8 +93,10 @@ def _float(value: float) -> str:
     return repr(float(value))
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(ScriptedRedis):
     """RateLimiter on a Redis server, shared by every API node (layout above)."""
+
+    SCRIPTS: ClassVar[Mapping[str, str]] = {"take": _TAKE, "acquire_slot": _ACQUIRE_SLOT}
 
     def __init__(
         self,
@@ -109,43 +106,8 @@ class RedisRateLimiter:
         retry: Retry | None = None,
         ping_timeout_s: float = 2.0,
     ) -> None:
-        self._url = url
+        super().__init__(url, "the rate limiter", retry=retry, ping_timeout_s=ping_timeout_s)
         self._prefix = prefix
-        self._retry = retry if retry is not None else reconnecting_retry()
-        self._ping_timeout_s = ping_timeout_s
-        self._failures = RedisFailures(f"the rate limiter ({redis_location(url)})")
-        self._client: Any = None
-        self._scripts: dict[str, Any] = {}
-
-    @guarded
-    async def open(self) -> None:
-        """Connect, and fail now rather than at the first request if Redis is unreachable."""
-        options: dict[str, Any] = {"retry": self._retry}
-        client = Redis.from_url(self._url, decode_responses=True, **options)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
-        self._scripts = {
-            "take": client.register_script(_TAKE),
-            "acquire_slot": client.register_script(_ACQUIRE_SLOT),
-        }
-
-    @property
-    def _redis(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("RedisRateLimiter used before open()")
-        return self._client
-
-    async def ping(self) -> None:
-        """Raise ServiceUnavailable unless Redis answers a PING in time."""
-        await self._failures.ping(self._redis, self._ping_timeout_s)
-
-    async def _script(self, name: str, keys: list[str], args: list[str]) -> Any:
-        redis = self._redis  # raises before open(), like every other method
-        return await self._scripts[name](keys=keys, args=args, client=redis)
 
     def _bucket_key(self, name: str) -> str:
         return f"{self._prefix}:limits:bucket:{name}"
@@ -201,9 +163,3 @@ class RedisRateLimiter:
         """Give those slots back (an empty group's key disappears with its last member)."""
         if members:
             await self._redis.zrem(self._slots_key(group), *members)
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()

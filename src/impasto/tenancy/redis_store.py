@@ -44,18 +44,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 
-from impasto.state.redis_errors import (
-    RedisFailures,
-    guarded,
-    reconnecting_retry,
-    redis_location,
-)
+from impasto.state.redis_client import ScriptedRedis
+from impasto.state.redis_errors import guarded
 from impasto.tenancy.keys import ApiKey, KeyNotFound, UsageRecord, UsageTotals
 from impasto.tenancy.sqlite_store import limits_json, limits_of
 
@@ -203,8 +198,15 @@ class _Sum:
         self.last_at = max(self.last_at, at)
 
 
-class RedisTenancyStore:
+class RedisTenancyStore(ScriptedRedis):
     """KeyStore and UsageLedger on a Redis server (layout above)."""
+
+    SCRIPTS: ClassVar[Mapping[str, str]] = {
+        "create_key": _CREATE_KEY,
+        "key_by_digest": _KEY_BY_DIGEST,
+        "revoke_key": _REVOKE_KEY,
+        "record_usage": _RECORD_USAGE,
+    }
 
     def __init__(
         self,
@@ -214,50 +216,10 @@ class RedisTenancyStore:
         retry: Retry | None = None,
         ping_timeout_s: float = 2.0,
     ) -> None:
-        self._url = url
+        super().__init__(url, "the key store", retry=retry, ping_timeout_s=ping_timeout_s)
         self._prefix = prefix
-        self._retry = retry if retry is not None else reconnecting_retry()
-        self._ping_timeout_s = ping_timeout_s
-        self._failures = RedisFailures(f"the key store ({redis_location(url)})")
-        self._client: Any = None
-        self._scripts: dict[str, Any] = {}
         self._keys = f"{prefix}:tenancy:keys"
         self._usage_keys = f"{prefix}:tenancy:usage:keys"
-
-    @guarded
-    async def open(self) -> None:
-        """Connect, and fail now rather than at the first request if Redis is unreachable."""
-        options: dict[str, Any] = {"retry": self._retry}
-        client = Redis.from_url(self._url, decode_responses=True, **options)
-        try:
-            await client.ping()
-        except BaseException:
-            await client.aclose()
-            raise
-        self._client = client
-        self._scripts = {
-            name: client.register_script(source)
-            for name, source in (
-                ("create_key", _CREATE_KEY),
-                ("key_by_digest", _KEY_BY_DIGEST),
-                ("revoke_key", _REVOKE_KEY),
-                ("record_usage", _RECORD_USAGE),
-            )
-        }
-
-    @property
-    def _redis(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("RedisTenancyStore used before open()")
-        return self._client
-
-    async def ping(self) -> None:
-        """Raise ServiceUnavailable unless Redis answers a PING in time."""
-        await self._failures.ping(self._redis, self._ping_timeout_s)
-
-    async def _script(self, name: str, keys: list[str], args: list[str]) -> Any:
-        redis = self._redis  # raises before open(), like every other method
-        return await self._scripts[name](keys=keys, args=args, client=redis)
 
     def _key_key(self, key_id: str) -> str:
         return f"{self._prefix}:tenancy:key:{key_id}"
@@ -412,9 +374,3 @@ class RedisTenancyStore:
                 )
             )
         return records
-
-    async def close(self) -> None:
-        """Close the connection pool."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
