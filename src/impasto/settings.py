@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         gt=0,
         description="how often each node reloads managed keys (revocations, new limits)",
     )
+    openai_default_model: str | None = Field(
+        default=None,
+        description="the model of an OpenAI Images API request without `model`; default the "
+        "first of IMPASTO_PRELOAD, else the first model of the registry",
+    )
     private_images: bool = Field(
         default=False,
         description="/image/ URLs need the API key that made the image (Bearer header); "

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from impasto.api.errors import error_response, install_error_handlers
+from impasto.api.openai import router as openai_router
 from impasto.api.playground import router as playground_router
 from impasto.api.rest import TASK_COMPONENTS, run_tasks
 from impasto.api.rest import router as rest_router
@@ -119,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(NoSniff)
     app.include_router(rest_router)
     app.include_router(websocket_router)
+    app.include_router(openai_router)
     app.include_router(playground_router)
 
     def openapi() -> dict[str, Any]:

@@ -52,8 +52,8 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-async def read_task_array(request: Request, limit: int) -> list[Any]:
-    """The body as a JSON array, read with a size limit whatever Content-Length claims."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read with a size limit whatever Content-Length claims."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
@@ -62,6 +62,12 @@ async def read_task_array(request: Request, limit: int) -> list[Any]:
         body.extend(chunk)
         if len(body) > limit:
             raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    return bytes(body)
+
+
+async def read_task_array(request: Request, limit: int) -> list[Any]:
+    """The body as a JSON array, read with a size limit whatever Content-Length claims."""
+    body = await read_body(request, limit)
     # A large body is parsed off the event loop, which keeps serving everyone else meanwhile.
     parsed = (
         await asyncio.to_thread(parse_json, bytes(body))

@@ -1,5 +1,6 @@
-"""Builds the backend a model entry names: tiny, diffusers, runway, or an operator's own class
-given by import path (`backend = "package.module:Class"`), constructed as Class(entry, context).
+"""Builds the backend a model entry names: tiny, diffusers, runway, openai-images (an
+OpenAI-compatible image engine), or an operator's own class given by import path
+(`backend = "package.module:Class"`), constructed as Class(entry, context).
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def unavailable_models(registry: ModelRegistry, context: BackendContext) -> dict
     problems: dict[str, ImpastoError] = {}
     for entry in registry.entries():
         target = registry.resolve(entry.air).target
+        if target.backend == "openai-images":
+            from impasto.backends.openai_images import missing_key
+
+            problem = missing_key(target)
+            if problem is not None:
+                problems[entry.air] = problem
+            continue
         if target.backend != "runway":
             continue
         if provider_key(target, context, "runway") is None:
@@ -178,6 +186,10 @@ def create_backend(entry: ModelEntry, context: BackendContext) -> Backend:
             or RUNWAY_DEFAULT_URL
         )
         return RunwayBackend(entry, api_key=key, base_url=base_url, options=context.runway)
+    if kind == "openai-images":
+        from impasto.backends.openai_images import OpenAIImagesBackend
+
+        return OpenAIImagesBackend(entry, context)
     if ":" in kind:
         module_name, _, class_name = kind.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -3,7 +3,7 @@ the operator's models file (TOML).
 
     [models."my:sdxl@1"]
     name = "My SDXL"
-    backend = "diffusers"              # tiny | diffusers | runway | "package.module:Class"
+    backend = "diffusers"              # tiny | diffusers | runway | openai-images | "pkg.mod:Class"
     path = "stabilityai/stable-diffusion-xl-base-1.0"
     architecture = "sdxl"
     default_width = 1024
@@ -14,6 +14,9 @@ the operator's models file (TOML).
 
     [aliases]
     "runway:4@1" = "impasto:tiny@1"    # run runway:4@1 requests on the tiny model
+
+`backend = "openai-images"` forwards to an OpenAI-compatible image engine; its settings (url,
+model, api_key_env, ...) are checked here, see backends/openai_images.py.
 
 An alias changes what runs a model and keeps the aliased AIR's own rules (sizes, parameters,
 price), so clients see the same validation whichever backend serves it.
@@ -32,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from impasto.backends import openai_images
 from impasto.backends.builtins import builtin_entries
 from impasto.backends.entries import (
     ASSET_CATEGORIES,
@@ -103,12 +107,20 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
     if base is None:
         if "backend" not in table:
             raise ModelsFileError(f"{where}: a new model needs a backend")
+        backend = str(table["backend"])
         base = ModelEntry(
             air=air,
             name=air,
             architecture="unknown",
-            backend=str(table["backend"]),
-            rules=ModelRules(air=air, sizes=any_size((1024, 1024))),
+            backend=backend,
+            rules=ModelRules(
+                air=air,
+                sizes=any_size((1024, 1024)),
+                # An engine entry takes what the backend forwards unless `parameters` says less.
+                parameters=openai_images.SUPPORTED_PARAMETERS
+                if backend == openai_images.BACKEND_NAME
+                else frozenset(),
+            ),
         )
     try:
         rules = base.rules
@@ -169,6 +181,9 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             rules = replace(rules, required=rules.required | {"maskImage"})
         settings = {**base.settings, **dict(table.get("settings", {}))}
         problems = check_speed_settings(settings)
+        backend = str(table.get("backend", base.backend))
+        if backend == openai_images.BACKEND_NAME:
+            problems += _engine_problems(settings, rules)
         if problems:
             raise ModelsFileError(f"{where}: {'; '.join(problems)}")
         if settings.get("fuse_qkv") is True and "lora" in rules.parameters:
@@ -181,7 +196,7 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
             air=air,
             name=str(table.get("name", base.name)),
             architecture=str(table.get("architecture", base.architecture)),
-            backend=str(table.get("backend", base.backend)),
+            backend=backend,
             path=table.get("path", base.path),
             category=category,
             type=kind,
@@ -192,6 +207,25 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
         if isinstance(exc, ModelsFileError):
             raise
         raise ModelsFileError(f"{where}: {exc}") from None
+
+
+def _engine_problems(settings: Mapping[str, Any], rules: ModelRules) -> list[str]:
+    """An openai-images entry's settings, and rules that ask for what it cannot forward."""
+    problems = openai_images.check_settings(settings)
+    unknown = set(settings) - openai_images.SETTING_KEYS
+    if unknown:
+        log.warning("backend openai-images ignores settings %s", sorted(unknown))
+    extra = rules.parameters - openai_images.SUPPORTED_PARAMETERS
+    if extra:
+        problems.append(
+            f"parameters {sorted(extra)} are not forwarded by backend openai-images; it takes "
+            f"{sorted(openai_images.SUPPORTED_PARAMETERS)}"
+        )
+    if rules.max_reference_images:
+        problems.append(
+            "backend openai-images takes no reference images; set max_reference_images = 0"
+        )
+    return problems
 
 
 def _kind(table: Mapping[str, Any], base: ModelEntry, where: str) -> tuple[str, str]:
