@@ -20,7 +20,8 @@ from impasto.backends import openai_images
 from impasto.backends.base import GeneratedImage, GenerationJob, Outcome
 from impasto.backends.devices import DevicePool
 from impasto.backends.factory import BackendContext, create_backend, unavailable_models
-from impasto.backends.openai_images import OpenAIImagesBackend, check_settings, engine_text
+from impasto.backends.openai_engine import check_settings, engine_text
+from impasto.backends.openai_images import OpenAIImagesBackend
 from impasto.backends.registry import ModelEntry, ModelRegistry, ModelsFileError
 from impasto.protocol.errors import ImpastoError, ProviderNotConfigured
 from impasto.protocol.rules import ModelRules, SizeRule

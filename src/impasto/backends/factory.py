@@ -107,7 +107,7 @@ def unavailable_models(registry: ModelRegistry, context: BackendContext) -> dict
     for entry in registry.entries():
         target = registry.resolve(entry.air).target
         if target.backend == "openai-images":
-            from impasto.backends.openai_images import missing_key
+            from impasto.backends.openai_engine import missing_key
 
             problem = missing_key(target)
             if problem is not None:

@@ -16,7 +16,7 @@ the operator's models file (TOML).
     "runway:4@1" = "impasto:tiny@1"    # run runway:4@1 requests on the tiny model
 
 `backend = "openai-images"` forwards to an OpenAI-compatible image engine; its settings (url,
-model, api_key_env, ...) are checked here, see backends/openai_images.py.
+model, api_key_env, ...) are checked here, see backends/openai_engine.py.
 
 An alias changes what runs a model and keeps the aliased AIR's own rules (sizes, parameters,
 price), so clients see the same validation whichever backend serves it.
@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from impasto.backends import openai_images
+from impasto.backends import openai_engine
 from impasto.backends.builtins import builtin_entries
 from impasto.backends.entries import (
     ASSET_CATEGORIES,
@@ -117,8 +117,8 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
                 air=air,
                 sizes=any_size((1024, 1024)),
                 # An engine entry takes what the backend forwards unless `parameters` says less.
-                parameters=openai_images.SUPPORTED_PARAMETERS
-                if backend == openai_images.BACKEND_NAME
+                parameters=openai_engine.SUPPORTED_PARAMETERS
+                if backend == openai_engine.BACKEND_NAME
                 else frozenset(),
             ),
         )
@@ -182,7 +182,7 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
         settings = {**base.settings, **dict(table.get("settings", {}))}
         problems = check_speed_settings(settings)
         backend = str(table.get("backend", base.backend))
-        if backend == openai_images.BACKEND_NAME:
+        if backend == openai_engine.BACKEND_NAME:
             problems += _engine_problems(settings, rules)
         if problems:
             raise ModelsFileError(f"{where}: {'; '.join(problems)}")
@@ -211,15 +211,15 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
 
 def _engine_problems(settings: Mapping[str, Any], rules: ModelRules) -> list[str]:
     """An openai-images entry's settings, and rules that ask for what it cannot forward."""
-    problems = openai_images.check_settings(settings)
-    unknown = set(settings) - openai_images.SETTING_KEYS
+    problems = openai_engine.check_settings(settings)
+    unknown = set(settings) - openai_engine.SETTING_KEYS
     if unknown:
         log.warning("backend openai-images ignores settings %s", sorted(unknown))
-    extra = rules.parameters - openai_images.SUPPORTED_PARAMETERS
+    extra = rules.parameters - openai_engine.SUPPORTED_PARAMETERS
     if extra:
         problems.append(
             f"parameters {sorted(extra)} are not forwarded by backend openai-images; it takes "
-            f"{sorted(openai_images.SUPPORTED_PARAMETERS)}"
+            f"{sorted(openai_engine.SUPPORTED_PARAMETERS)}"
         )
     if rules.max_reference_images:
         problems.append(
