@@ -35,6 +35,74 @@ router = APIRouter(tags=["OpenAI Images API"])
 
 MAX_FORM_FILES = 16
 
+_FIELDS: dict[str, Any] = {
+    "prompt": {"type": "string", "minLength": 1},
+    "model": {"type": "string", "description": "an AIR such as impasto:tiny@1, or an alias"},
+    "n": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
+    "size": {"type": "string", "pattern": "^(auto|[0-9]+x[0-9]+)$", "example": "512x512"},
+    "response_format": {"enum": ["url", "b64_json"], "default": "url"},
+    "output_format": {"enum": ["png", "jpeg", "webp"], "default": "png"},
+    "output_compression": {"type": "integer", "minimum": 0, "maximum": 100},
+    "quality": {"type": "string"},
+    "background": {"enum": ["auto", "opaque", "transparent"]},
+    "style": {"type": "string"},
+    "moderation": {"type": "string"},
+    "user": {"type": "string"},
+    "negative_prompt": {"type": "string"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
+    "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "guidance_scale": {"type": "number", "minimum": 0, "maximum": 100},
+}
+_ERROR = {
+    "description": "OpenAI's error envelope",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+_RESPONSES = {str(status): _ERROR for status in (400, 401, 403, 404, 413, 429, 500, 503)}
+_GENERATIONS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["prompt"], "properties": _FIELDS}
+            }
+        },
+    },
+    "responses": _RESPONSES,
+}
+_FILE = {"type": "string", "format": "binary"}
+_EDITS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {**_FIELDS, "image": _FILE, "mask": _FILE},
+                }
+            }
+        },
+    },
+    "responses": _RESPONSES,
+}
+
 
 def error_response(error: ImpastoError) -> JSONResponse:
     status, body = openai_error(error)
@@ -74,7 +142,11 @@ async def run(runtime: Runtime, principal: Principal, images: ImagesRequest) -> 
     return JSONResponse(images_response(images, envelope.data))
 
 
-@router.post("/v1/images/generations", summary="Create images (OpenAI Images API)")
+@router.post(
+    "/v1/images/generations",
+    summary="Create images (OpenAI Images API)",
+    openapi_extra=_GENERATIONS_BODY,
+)
 async def generations(request: Request) -> Response:
     runtime = runtime_of(request)
     try:
@@ -94,7 +166,11 @@ async def generations(request: Request) -> Response:
     return await run(runtime, principal, images)
 
 
-@router.post("/v1/images/edits", summary="Edit an image (OpenAI Images API, multipart)")
+@router.post(
+    "/v1/images/edits",
+    summary="Edit an image (OpenAI Images API, multipart)",
+    openapi_extra=_EDITS_BODY,
+)
 async def edits(request: Request) -> Response:
     runtime = runtime_of(request)
     try:
