@@ -18,7 +18,13 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from impasto.api.rest import bearer_token, client_address, read_body, runtime_of
-from impasto.protocol.errors import ImpastoError, RateLimited, RequestError, ServiceUnavailable
+from impasto.protocol.errors import (
+    ImpastoError,
+    QueueFull,
+    RateLimited,
+    RequestError,
+    ServiceUnavailable,
+)
 from impasto.protocol.openai_images import (
     ImagesRequest,
     edit_task,
@@ -105,10 +111,15 @@ _EDITS_BODY = {
 
 
 def error_response(error: ImpastoError) -> JSONResponse:
+    """OpenAI's error reply. compat: the openai SDKs retry 408, 409, 429 and every 5xx unless
+    told `x-should-retry: false`. Only a refusal of a task that was never accepted (a rate
+    limit, a full queue, a state store away) may be sent again as it is; a failed or timed-out
+    generation would run again with each retry, and a bad request stays bad."""
     status, body = openai_error(error)
-    headers = None
+    retry = isinstance(error, RateLimited | QueueFull | ServiceUnavailable)
+    headers = {"x-should-retry": "true" if retry else "false"}
     if isinstance(error, RateLimited | ServiceUnavailable):
-        headers = {"Retry-After": str(error.retry_after_s)}
+        headers["Retry-After"] = str(error.retry_after_s)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -6,7 +6,8 @@ One service, two transports: the task goes through the same dispatcher as a Runw
 validation, models, batching, storage, safety, API keys and quotas are the same.
 
 Fields (as the `openai` SDKs send them):
-- `prompt`, `model` (an AIR or an alias; default the server's first model), `n`, `size`
+- `prompt`, `model` (an AIR or an alias; default IMPASTO_OPENAI_DEFAULT_MODEL, else the first
+  preloaded model, else the registry's first), `n`, `size`
   (`WxH`, or `auto`/absent for the model's default), `response_format` (`url` default, or
   `b64_json`), `output_format` (png, jpeg, webp), `output_compression` (0-100; impasto's
   encoder takes 20-99, so it is clamped), `user` and `safety_identifier` (recorded nowhere).
