@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from impasto.backends.base import CheckpointCallback, GenerationJob, Outcome, ProgressCallback
 from impasto.backends.factory import BackendContext, create_backend
@@ -78,22 +78,20 @@ class Gate:
 
     def models_file(self, directory: Path) -> Path:
         """A models file that serves impasto:tiny@1 through this gate."""
-        path = directory / f"gated-{self.name}.toml"
-        path.write_text(
-            '[models."impasto:tiny@1"]\n'
-            f'backend = "{__name__}:GatedTinyBackend"\n'
-            f'settings = {{ gate = "{self.name}" }}\n'
-        )
-        return path
+        return tiny_models_file(directory / f"gated-{self.name}.toml", GatedTinyBackend, self.name)
 
 
-class GatedTinyBackend:
-    """The tiny diffusers backend, each generate() call first passing the gate; everything
-    else of the Backend protocol is the tiny backend's own."""
+class WrappedTinyBackend:
+    """The tiny diffusers backend with a test's hand on it: the entry's setting `hook_setting`
+    names the test object (a Gate, a ProgressHold) in the subclass's `hooks`; everything else
+    of the Backend protocol is the tiny backend's own."""
+
+    hooks: ClassVar[Mapping[str, Any]] = {}
+    hook_setting: ClassVar[str] = "hook"
 
     def __init__(self, entry: ModelEntry, context: BackendContext) -> None:
         settings = dict(entry.settings)
-        self._gate = _GATES[str(settings.pop("gate"))]
+        self.hook = self.hooks[str(settings.pop(self.hook_setting))]
         self._inner: Any = create_backend(
             replace(entry, backend="tiny", settings=settings), context
         )
@@ -101,14 +99,32 @@ class GatedTinyBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+
+def tiny_models_file(path: Path, backend: type[WrappedTinyBackend], hook: str) -> Path:
+    """A models file that serves impasto:tiny@1 through `backend`, consulting `hook`."""
+    path.write_text(
+        '[models."impasto:tiny@1"]\n'
+        f'backend = "{backend.__module__}:{backend.__qualname__}"\n'
+        f'settings = {{ {backend.hook_setting} = "{hook}" }}\n'
+    )
+    return path
+
+
+class GatedTinyBackend(WrappedTinyBackend):
+    """Each generate() call first passes the gate."""
+
+    hooks = _GATES
+    hook_setting = "gate"
+
     async def generate(
         self,
         jobs: Sequence[GenerationJob],
         progress: ProgressCallback,
         checkpoint: CheckpointCallback,
     ) -> list[Outcome]:
-        await asyncio.to_thread(self._gate.passage)
-        return await self._inner.generate(jobs, progress, checkpoint)
+        await asyncio.to_thread(self.hook.passage)
+        outcomes: list[Outcome] = await self._inner.generate(jobs, progress, checkpoint)
+        return outcomes
 
 
 @contextmanager

@@ -19,16 +19,15 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from impasto.backends.base import CheckpointCallback, GenerationJob, Outcome, ProgressCallback
-from impasto.backends.factory import BackendContext, create_backend
-from impasto.backends.registry import ModelEntry
 from tests.conftest import RunningServer, make_settings, start_server
+from tests.gated_backend import WrappedTinyBackend, tiny_models_file
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, WebSocket
@@ -118,28 +117,14 @@ class ProgressHold:
             self._released.wait(MAX_HOLD_S)
 
     def models_file(self, directory: Path) -> Path:
-        path = directory / f"held-{self.name}.toml"
-        path.write_text(
-            '[models."impasto:tiny@1"]\n'
-            f'backend = "{__name__}:HeldTinyBackend"\n'
-            f'settings = {{ progress_hold = "{self.name}" }}\n'
-        )
-        return path
+        return tiny_models_file(directory / f"held-{self.name}.toml", HeldTinyBackend, self.name)
 
 
-class HeldTinyBackend:
-    """The tiny diffusers backend whose progress reports pass a `ProgressHold`; everything
-    else of the Backend protocol is the tiny backend's own."""
+class HeldTinyBackend(WrappedTinyBackend):
+    """Its progress reports pass a `ProgressHold`."""
 
-    def __init__(self, entry: ModelEntry, context: BackendContext) -> None:
-        settings = dict(entry.settings)
-        self._hold = _HOLDS[str(settings.pop("progress_hold"))]
-        self._inner: Any = create_backend(
-            replace(entry, backend="tiny", settings=settings), context
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    hooks = _HOLDS
+    hook_setting = "progress_hold"
 
     async def generate(
         self,
@@ -149,7 +134,7 @@ class HeldTinyBackend:
     ) -> list[Outcome]:
         def held(batch: Sequence[GenerationJob], percent: int) -> None:
             progress(batch, percent)
-            self._hold.after_report()
+            self.hook.after_report()
 
         outcomes: list[Outcome] = await self._inner.generate(jobs, held, checkpoint)
         return outcomes
