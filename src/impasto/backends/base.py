@@ -208,3 +208,43 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release models, clients and threads."""
+
+
+class OneJobPerCall:
+    """Base of the backends that make one image per request to a provider or an engine
+    (Runway, an OpenAI-compatible server): jobs are never batched together, and a job's
+    failure is its own outcome while the other jobs of the call go on."""
+
+    def batch_key(self, job: GenerationJob) -> Hashable:
+        return job.job_id
+
+    def batch_limit(self, job: GenerationJob) -> int:
+        return 1
+
+    async def generate(
+        self,
+        jobs: Sequence[GenerationJob],
+        progress: ProgressCallback,
+        checkpoint: CheckpointCallback,
+    ) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            try:
+                outcomes.append(await self.generate_one(job, progress, checkpoint))
+            except ImpastoError as exc:
+                outcomes.append(exc)
+            except Exception as exc:
+                failure = self.failure_of(job, exc)
+                if failure is None:
+                    raise
+                outcomes.append(failure)
+        return outcomes
+
+    async def generate_one(
+        self, job: GenerationJob, progress: ProgressCallback, checkpoint: CheckpointCallback
+    ) -> GeneratedImage:
+        raise NotImplementedError
+
+    def failure_of(self, job: GenerationJob, exc: Exception) -> ImpastoError | None:
+        """The outcome for a client library's own error (None: not ours to answer)."""
+        return None

@@ -75,7 +75,7 @@ import binascii
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -86,7 +86,7 @@ from impasto.backends.base import (
     CheckpointCallback,
     GeneratedImage,
     GenerationJob,
-    Outcome,
+    OneJobPerCall,
     ProgressCallback,
 )
 from impasto.backends.entries import ModelEntry
@@ -110,9 +110,6 @@ from impasto.backends.openai_engine import (
     request_body,
     same_origin,
 )
-from impasto.protocol.errors import (
-    ImpastoError,
-)
 
 if TYPE_CHECKING:
     from impasto.backends.factory import BackendContext
@@ -120,7 +117,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("impasto.backends.openai_images")
 
 
-class OpenAIImagesBackend:
+class OpenAIImagesBackend(OneJobPerCall):
     """Forwards each job as one `POST {url}/images/generations` with n=1."""
 
     def __init__(
@@ -160,33 +157,15 @@ class OpenAIImagesBackend:
     def __repr__(self) -> str:
         return f"OpenAIImagesBackend({self.entry.air!r}, {self.endpoint!r})"
 
-    def batch_key(self, job: GenerationJob) -> Hashable:
-        return job.job_id
-
-    def batch_limit(self, job: GenerationJob) -> int:
-        # n=1 per request, each with its own seed (see the module docstring).
-        return 1
-
-    async def generate(
-        self,
-        jobs: Sequence[GenerationJob],
-        progress: ProgressCallback,
-        checkpoint: CheckpointCallback,
-    ) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for job in jobs:
-            try:
-                outcomes.append(await self._generate(job, progress))
-            except ImpastoError as exc:
-                outcomes.append(exc)
-        return outcomes
-
     async def close(self) -> None:
         await self._client.aclose()
 
     # -- one job ------------------------------------------------------------------------------
 
-    async def _generate(self, job: GenerationJob, progress: ProgressCallback) -> GeneratedImage:
+    async def generate_one(
+        self, job: GenerationJob, progress: ProgressCallback, checkpoint: CheckpointCallback
+    ) -> GeneratedImage:
+        """One request with n=1 and the job's own seed (see the module docstring)."""
         progress([job], 0)
         body = request_body(job, self.model, self.response_format)
         document = await self._post(job, body)

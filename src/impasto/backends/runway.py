@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import math
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ from impasto.backends.base import (
     CheckpointCallback,
     GeneratedImage,
     GenerationJob,
-    Outcome,
+    OneJobPerCall,
     ProgressCallback,
     ReferenceImage,
 )
@@ -403,7 +403,7 @@ def fit_output(data: bytes, width: int, height: int) -> Image.Image:
 # -- the backend ------------------------------------------------------------------------------
 
 
-class RunwayBackend:
+class RunwayBackend(OneJobPerCall):
     """Runs each job as one Runway task; `concurrency` tasks at once per model."""
 
     max_batch_size = 1
@@ -432,30 +432,12 @@ class RunwayBackend:
         # Outputs are public CDN URLs signed by Runway: no API key, no outbound guard.
         self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=True)
 
-    def batch_key(self, job: GenerationJob) -> Hashable:
-        return job.job_id
-
-    def batch_limit(self, job: GenerationJob) -> int:
-        # One Runway task makes one image.
-        return 1
-
-    async def generate(
-        self,
-        jobs: Sequence[GenerationJob],
-        progress: ProgressCallback,
-        checkpoint: CheckpointCallback,
-    ) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for job in jobs:
-            try:
-                outcomes.append(await self._generate(job, progress, checkpoint))
-            except ImpastoError as exc:
-                outcomes.append(exc)
-            except runwayml.APIError as exc:
-                # E.g. an answer the SDK could not parse.
-                log.warning("job %s: Runway call failed: %r", job.job_id, exc)
-                outcomes.append(error_for_exception(exc))
-        return outcomes
+    def failure_of(self, job: GenerationJob, exc: Exception) -> ImpastoError | None:
+        if not isinstance(exc, runwayml.APIError):
+            return None
+        # E.g. an answer the SDK could not parse.
+        log.warning("job %s: Runway call failed: %r", job.job_id, exc)
+        return error_for_exception(exc)
 
     async def close(self) -> None:
         await self._client.close()
@@ -463,9 +445,10 @@ class RunwayBackend:
 
     # -- one job ------------------------------------------------------------------------------
 
-    async def _generate(
+    async def generate_one(
         self, job: GenerationJob, progress: ProgressCallback, checkpoint: CheckpointCallback
     ) -> GeneratedImage:
+        """One Runway task makes one image."""
         stored_seed = job.resume.get(RESUME_SEED)
         seed = stored_seed if isinstance(stored_seed, int) else runway_seed(job.seed)
         task_id = job.resume.get(RESUME_TASK_ID)
