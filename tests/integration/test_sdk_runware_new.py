@@ -135,6 +135,28 @@ def test_get_response_returns_the_results_of_an_async_task(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_task_details_and_account_details_through_the_sdks_own_calls(
+    server: RunningServer, sdk: list[str], transport: str
+) -> None:
+    args = {"task": {"numberResults": 2, "outputType": "URL", "includeCost": True}}
+    result = run_client(sdk, url_for(server, transport), "account", args)
+    items = result["items"]
+    (details,) = result["task_details"]
+    assert details["taskType"] == "getTaskDetails"
+    request = details["request"][0]
+    assert request["taskUUID"] == details["taskUUID"] == items[0]["taskUUID"]
+    assert request["numberResults"] == 2
+    assert {i["imageUUID"] for i in details["response"]["data"]} == {i["imageUUID"] for i in items}
+    assert details["cost"] == pytest.approx(sum(i["cost"] for i in items))
+    assert details["timings"]["totalMs"] >= 0
+    (account,) = result["account"]
+    assert account["taskType"] == "accountManagement"
+    assert account["operation"] == "getDetails"
+    # An open server: the client is nobody, and sees the usage of everyone.
+    assert account["usage"]["total"]["images"] >= 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize(
     ("field", "value", "wire_code"),
     [("width", 13, "invalidWidth"), ("outputQuality", 5, "invalidOutputQuality")],

@@ -156,6 +156,12 @@ async def scenario(url: str, name: str, args: dict[str, Any]) -> Any:
             items = await client.run(request, options())
             polled = await client.get_response({"taskUUID": request["taskUUID"]})
             return {"items": items, "get_response": polled}
+        if name == "account":
+            request = task(args["task"])
+            items = await client.run(request, options())
+            details = await client.get_task_details({"taskUUID": request["taskUUID"]})
+            account = await client.account_management({"operation": "getDetails"})
+            return {"items": items, "task_details": details, "account": account}
         if name == "expect_error":
             try:
                 items = await client.run(task(args["task"]))
