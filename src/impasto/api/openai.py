@@ -238,7 +238,14 @@ async def list_models(request: Request) -> Response:
     except ImpastoError as exc:
         return error_response(exc)
     created = int(runtime.started_at)
-    data = [model_item(e.air, created) for e in runtime.registry.entries() if not e.is_asset]
+    # The models a client can run: not assets (LoRAs, VAEs, ...), not a provider's models
+    # without the provider's key.
+    acceptance = runtime.inference.acceptance
+    data = [
+        model_item(e.air, created)
+        for e in runtime.registry.entries()
+        if not e.is_asset and acceptance.available(e.air)
+    ]
     return JSONResponse({"object": "list", "data": data})
 
 

@@ -119,6 +119,11 @@ class TaskAcceptance:
         self._max_queued = max_queued
         self._schedulers = frozenset(known_schedulers())
 
+    def available(self, air: str) -> bool:
+        """Whether tasks for the model can be accepted here (not, e.g., a provider's model
+        without the provider's key)."""
+        return air not in self._unavailable
+
     def validate(self, task: ImageInferenceIn) -> ResolvedModel:
         """Everything that can be checked without I/O; raises an error item."""
         resolved = self._registry.resolve(task.model)
