@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from typing import Any
@@ -15,8 +14,8 @@ from starlette.requests import ClientDisconnect
 from impasto.api.errors import EnvelopeResponse, error_response, retry_after
 from impasto.protocol.errors import ImpastoError, PayloadTooLarge, RequestError
 from impasto.protocol.openapi import tasks_request_schema, tasks_responses
+from impasto.service.images import image_owned
 from impasto.service.runtime import Runtime
-from impasto.state.records import ImageRecord
 
 router = APIRouter()
 
@@ -158,7 +157,7 @@ async def get_image(name: str, request: Request) -> Response:
             )
         except ImpastoError as exc:
             return error_response([exc])
-        if record is not None and not await image_visible(runtime, record, principal.owner):
+        if record is not None and not await image_owned(runtime.state, record, principal.owner):
             record = None
     if record is not None and record.key == name and record.expires_at > now:
         data = await runtime.images.get(record.key)
@@ -172,18 +171,6 @@ async def get_image(name: str, request: Request) -> Response:
         media_type=record.content_type,
         headers={"Cache-Control": f"private, max-age={max_age}"},
     )
-
-
-async def image_visible(runtime: Runtime, record: ImageRecord, owner: str) -> bool:
-    """Whether the key whose digest is `owner` made (or uploaded) the image: the task it
-    belongs to records its owner. An image of a task that is gone is nobody's."""
-    if record.task_uuid is None:
-        return False
-    task = await runtime.state.get_task(record.task_uuid)
-    if task is None:
-        return False
-    task_owner = task.extra.get("owner")
-    return task_owner is None or hmac.compare_digest(str(task_owner), owner)
 
 
 @router.get(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -97,6 +96,16 @@ async def store_image(
     return image_uuid, key
 
 
+async def image_owned(state: StateStore, record: ImageRecord, owner: str) -> bool:
+    """Whether the key whose digest is `owner` made (or uploaded) the image: the task it
+    belongs to records its owner. One of a task made while the server was open is anybody's;
+    one of a task that is gone, nobody's."""
+    if record.task_uuid is None:
+        return False
+    task = await state.get_task(record.task_uuid)
+    return task is not None and task.visible_to(owner)
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """A decoded client image and where it came from."""
@@ -177,17 +186,10 @@ class ImageResolver:
         record = await self._state.get_image(image_uuid)
         if record is None or record.expires_at <= time.time():
             return None
-        if self._private and owner is not None and not await self._owned(record, owner):
+        if (
+            self._private
+            and owner is not None
+            and not await image_owned(self._state, record, owner)
+        ):
             return None
         return await self._images.get(record.key)
-
-    async def _owned(self, record: ImageRecord, owner: str) -> bool:
-        """Whether the key whose digest is `owner` made the image's task (one with no owner,
-        made while the server was open, is anybody's)."""
-        if record.task_uuid is None:
-            return False
-        task = await self._state.get_task(record.task_uuid)
-        task_owner = task.extra.get("owner") if task is not None else None
-        return task is not None and (
-            task_owner is None or hmac.compare_digest(str(task_owner), owner)
-        )

@@ -5,7 +5,6 @@ does not exist (taskNotFound, not a hint that it does)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from impasto.protocol.errors import TaskNotFound
@@ -19,10 +18,7 @@ async def owned_task(state: StateStore, task_uuid: str, owner: str | None) -> Ta
     """The task, if `owner` may see it; TaskNotFound otherwise (the same answer as for a task
     that never existed)."""
     task = await state.get_task(task_uuid)
-    task_owner = task.extra.get("owner") if task is not None else None
-    if task is None or (
-        task_owner is not None and not hmac.compare_digest(str(task_owner), owner or "")
-    ):
+    if task is None or not task.visible_to(owner):
         raise TaskNotFound(
             f"No task with taskUUID {task_uuid} (unknown, or its results expired).",
             parameter="taskUUID",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +29,12 @@ class TaskRecord:
     model: str | None = None
     # Backend bookkeeping that must survive a restart (e.g. a provider's task ids).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def visible_to(self, owner: str | None) -> bool:
+        """Whether the key whose digest is `owner` may see this task: the one that made it,
+        or anyone for a task made while the server was open (it has no owner)."""
+        task_owner = self.extra.get("owner")
+        return task_owner is None or hmac.compare_digest(str(task_owner), owner or "")
 
 
 @dataclass(frozen=True)
