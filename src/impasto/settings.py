@@ -8,6 +8,13 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from impasto.backends.utility.catalog import (
+    DEFAULT_BACKGROUND_REMOVER,
+    DEFAULT_CAPTIONER,
+    DEFAULT_PROMPT_ENHANCER,
+    DEFAULT_UPSCALER,
+)
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "impasto"
@@ -165,6 +172,26 @@ class Settings(BaseSettings):
     upload_max_side: int = Field(
         default=2048,
         description="uploaded images are scaled down to at most this many pixels a side",
+    )
+
+    # Utility tasks (upscale, removeBackground, caption, promptEnhance)
+    upscale_model: str = Field(
+        default=DEFAULT_UPSCALER, description="the model of an upscale task without `model`"
+    )
+    remove_background_model: str = Field(
+        default=DEFAULT_BACKGROUND_REMOVER,
+        description="the model of a removeBackground task without `model`",
+    )
+    caption_model: str = Field(
+        default=DEFAULT_CAPTIONER, description="the model of a caption task without `model`"
+    )
+    prompt_enhance_model: str = Field(
+        default=DEFAULT_PROMPT_ENHANCER,
+        description="the model of a promptEnhance task without `model`",
+    )
+    upscale_max_side: int = Field(
+        default=8192,
+        description="longest side of an upscaled image; larger requests are refused",
     )
 
     # Webhooks and upload endpoints

@@ -36,7 +36,22 @@ def availability(
         return Availability(True, "built in" if built else "built in (made on first use)")
     if entry.backend == "diffusers":
         return _weights(entry.path or "", offline)
+    if entry.utility_task is not None:
+        return _utility(entry, offline)
     return Availability(True, f"backend {entry.backend}")
+
+
+def _utility(entry: ModelEntry, offline: bool) -> Availability:
+    if entry.backend == "openai-chat":
+        url = entry.settings.get("url")
+        return Availability(bool(url), f"chat endpoint {url}" if url else "no settings.url")
+    if importlib.util.find_spec("torch") is None:
+        return Availability(False, "needs the local extra (pip install 'impasto[local]')")
+    if entry.settings.get("tiny"):
+        return Availability(True, "built in (made on first use)")
+    # transformers models have config.json, diffusers pipelines model_index.json.
+    marker = "model_index.json" if entry.backend == "sd-upscaler" else "config.json"
+    return _weights(entry.path or "", offline, marker)
 
 
 def _provider(
@@ -49,25 +64,25 @@ def _provider(
     return Availability(True, f"{provider.title()} API key set")
 
 
-def _weights(path: str, offline: bool) -> Availability:
+def _weights(path: str, offline: bool, marker: str = "model_index.json") -> Availability:
     local = Path(path).expanduser()
     if path.startswith((".", "/", "~")) or local.exists():
-        if (local / "model_index.json").exists() or local.is_file():
+        if (local / marker).exists() or local.is_file():
             return Availability(True, f"weights in {local}")
         return Availability(False, f"no weights at {local}")
-    if _in_hub_cache(path):
+    if _in_hub_cache(path, marker):
         return Availability(True, "weights in the Hugging Face cache")
     if offline:
         return Availability(False, f"{path} is not in the Hugging Face cache (offline)")
     return Availability(True, f"downloads {path} on first use")
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _in_hub_cache(repo_id: str, marker: str = "model_index.json") -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return False
-    found = try_to_load_from_cache(repo_id, "model_index.json")
+    found = try_to_load_from_cache(repo_id, marker)
     return isinstance(found, str)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from impasto.backends.entries import TINY_AIR, ModelEntry, any_size
+from impasto.backends.utility.catalog import utility_entries
 from impasto.protocol.rules import (
     GENERATION_PARAMETERS,
     RUNWAY_720P_SIZES,
@@ -29,6 +30,7 @@ def builtin_entries() -> list[ModelEntry]:
     tiny = {"steps": 2, "guidance_scale": 2.0}
     return [
         *_tiny_assets(),
+        *utility_entries(),
         ModelEntry(
             air="impasto:tiny-inpaint@1",
             name="impasto tiny inpainting checkpoint (9-channel UNet, random weights)",

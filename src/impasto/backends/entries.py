@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from impasto.backends.utility.base import TASK_OF_CATEGORY
 from impasto.protocol.rules import ModelRules, SizeRule
 
 ASSET_CATEGORIES = ("lora", "controlnet", "vae", "embeddings", "ipadapter")
@@ -26,14 +27,23 @@ class ModelEntry:
     path: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     # Runware's modelSearch vocabulary: category checkpoint | lora | controlnet | vae |
-    # embeddings | ipadapter; a checkpoint's type is base | inpainting | refiner.
+    # embeddings | ipadapter; a checkpoint's type is base | inpainting | refiner. impasto adds
+    # the utility models' categories: upscaler | background-removal | captioner |
+    # prompt-enhancer (backends/utility/base.py).
     category: str = "checkpoint"
     type: str = "base"
 
     @property
     def is_asset(self) -> bool:
-        """A LoRA, ControlNet, VAE, embedding or IP-Adapter: used by a checkpoint, never run."""
+        """Not an imageInference model: a LoRA, ControlNet, VAE, embedding or IP-Adapter
+        (used by a checkpoint, never run), or a utility model (run by its own task)."""
         return self.category != "checkpoint"
+
+    @property
+    def utility_task(self) -> str | None:
+        """The task type a utility model serves (upscale, removeBackground, caption,
+        promptEnhance), or None for checkpoints and assets."""
+        return TASK_OF_CATEGORY.get(self.category)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,13 @@ def unavailable_models(registry: ModelRegistry, context: BackendContext) -> dict
             if problem is not None:
                 problems[entry.air] = problem
             continue
+        if target.backend == "openai-chat":
+            from impasto.backends.utility.factory import missing_chat_key
+
+            chat_problem = missing_chat_key(target)
+            if chat_problem is not None:
+                problems[entry.air] = chat_problem
+            continue
         if target.backend != "runway":
             continue
         if provider_key(target, context, "runway") is None:

@@ -23,6 +23,15 @@ price), so clients see the same validation whichever backend serves it.
 
 LoRAs, ControlNets, VAEs, embeddings and IP-Adapters are entries too (`type = "lora"`, ...),
 named by tasks that use them; entries.py holds the entry type, builtins.py the built-ins.
+
+Utility models are entries with a utility category (`type = "upscaler"`, "background-removal",
+"captioner" or "prompt-enhancer") and a utility backend (swin2sr, sd-upscaler, segmenter,
+captioner, text-generator, openai-chat): see backends/utility/catalog.py.
+
+    [models."my:upscaler@1"]
+    type = "upscaler"
+    backend = "swin2sr"
+    path = "caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr"
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ from impasto.backends.entries import (
     any_size,
 )
 from impasto.backends.speed_settings import check_speed_settings
+from impasto.backends.utility.base import UTILITY_CATEGORIES
+from impasto.backends.utility.catalog import BACKENDS_OF_CATEGORY, UTILITY_BACKENDS
 from impasto.protocol.errors import ModelNotFound
 from impasto.protocol.rules import GENERATION_PARAMETERS, ModelRules, PriceTable
 
@@ -182,6 +193,7 @@ def _apply(base: ModelEntry | None, air: str, table: Mapping[str, Any]) -> Model
         settings = {**base.settings, **dict(table.get("settings", {}))}
         problems = check_speed_settings(settings)
         backend = str(table.get("backend", base.backend))
+        problems += _utility_problems(category, backend)
         if backend == openai_engine.BACKEND_NAME:
             problems += _engine_problems(settings, rules)
         if problems:
@@ -228,21 +240,33 @@ def _engine_problems(settings: Mapping[str, Any], rules: ModelRules) -> list[str
     return problems
 
 
+def _utility_problems(category: str, backend: str) -> list[str]:
+    """A utility model needs a backend of its kind, and a utility backend a utility category."""
+    allowed = BACKENDS_OF_CATEGORY.get(category)
+    if allowed is not None and backend not in allowed:
+        return [f"a {category} model takes backend {' or '.join(allowed)}, not {backend!r}"]
+    if allowed is None and backend in UTILITY_BACKENDS:
+        return [
+            f"backend {backend!r} runs utility models: give the entry a type such as "
+            f"{', '.join(repr(c) for c, b in BACKENDS_OF_CATEGORY.items() if backend in b)}"
+        ]
+    return []
+
+
 def _kind(table: Mapping[str, Any], base: ModelEntry, where: str) -> tuple[str, str]:
     """(category, type): `type = "lora"` (or controlnet, vae, embeddings, ipadapter) makes an
     asset; `type = "inpainting"` (or base, refiner) a checkpoint of that kind."""
     category = str(table.get("category", base.category))
     kind = str(table.get("type", base.type))
-    if kind in ASSET_CATEGORIES:
+    if kind in ASSET_CATEGORIES or kind in UTILITY_CATEGORIES:
         category, kind = kind, "base"
     elif kind not in CHECKPOINT_TYPES:
-        raise ModelsFileError(
-            f"{where}: type {kind!r} is not one of {', '.join(CHECKPOINT_TYPES + ASSET_CATEGORIES)}"
-        )
-    if category != "checkpoint" and category not in ASSET_CATEGORIES:
+        kinds = CHECKPOINT_TYPES + ASSET_CATEGORIES + UTILITY_CATEGORIES
+        raise ModelsFileError(f"{where}: type {kind!r} is not one of {', '.join(kinds)}")
+    if category != "checkpoint" and category not in ASSET_CATEGORIES + UTILITY_CATEGORIES:
         raise ModelsFileError(
             f"{where}: category {category!r} is not checkpoint or one of "
-            f"{', '.join(ASSET_CATEGORIES)}"
+            f"{', '.join(ASSET_CATEGORIES + UTILITY_CATEGORIES)}"
         )
     return category, kind
 

@@ -55,7 +55,9 @@ def model_rows(settings: Settings) -> list[dict[str, Any]]:
             provider_keys=keys,
             offline=settings.offline,
         )
-        if target.backend in ("tiny", "diffusers"):
+        if target.backend in ("tiny", "diffusers") or (
+            target.utility_task is not None and target.backend != "openai-chat"
+        ):
             local_device = local_device or device_summary(settings.devices)
             device = local_device
         else:

@@ -32,6 +32,7 @@ from impasto.protocol.utility import (
     ImageControlNetPreProcessIn,
     MediaStorageIn,
 )
+from impasto.protocol.utility_tasks import UTILITY_TASK_MODELS, UtilityTaskIn
 
 TaskIn = (
     ImageInferenceIn
@@ -45,6 +46,7 @@ TaskIn = (
     | ControlNetPreprocessIn
     | AccountManagementIn
     | GetTaskDetailsIn
+    | UtilityTaskIn
 )
 
 # BaseModel, not WireModel: the utility tasks' models live in protocol/utility.py, which
@@ -61,6 +63,7 @@ TASK_MODELS: dict[str, type[BaseModel]] = {
     "controlNetPreprocess": ControlNetPreprocessIn,
     "accountManagement": AccountManagementIn,
     "getTaskDetails": GetTaskDetailsIn,
+    **UTILITY_TASK_MODELS,
 }
 
 # A taskType or taskUUID is echoed in error items only when it could be one: short, and free of

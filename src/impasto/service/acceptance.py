@@ -83,6 +83,21 @@ def check_weighting(task: ImageInferenceIn, weighting: str) -> None:
             ) from None
 
 
+async def vet_destinations(guard: OutboundGuard, urls: list[tuple[str, str | None]]) -> None:
+    """webhookURL and uploadEndpoint go through the outbound guard at submit time too."""
+    for parameter, url in urls:
+        if url is None:
+            continue
+        try:
+            await guard.vet(url)
+        except (OutboundRefused, OutboundFailed) as exc:
+            raise InvalidParameter(
+                f"Invalid value for {parameter} parameter: {exc}.",
+                code=f"invalid{code_name(parameter)}",
+                parameter=parameter,
+            ) from None
+
+
 class TaskAcceptance:
     """Validates, stores inputs, creates the task and schedules it."""
 
@@ -228,21 +243,10 @@ class TaskAcceptance:
             )
 
     async def _vet_destinations(self, task: ImageInferenceIn) -> None:
-        """webhookURL and uploadEndpoint go through the outbound guard at submit time too."""
-        for parameter, url in (
-            ("webhookURL", task.webhookURL),
-            ("uploadEndpoint", task.uploadEndpoint),
-        ):
-            if url is None:
-                continue
-            try:
-                await self._guard.vet(url)
-            except (OutboundRefused, OutboundFailed) as exc:
-                raise InvalidParameter(
-                    f"Invalid value for {parameter} parameter: {exc}.",
-                    code=f"invalid{code_name(parameter)}",
-                    parameter=parameter,
-                ) from None
+        await vet_destinations(
+            self._guard,
+            [("webhookURL", task.webhookURL), ("uploadEndpoint", task.uploadEndpoint)],
+        )
 
     async def _store_inputs(self, task: ImageInferenceIn, inputs: list[ImageInput]) -> list[str]:
         """Store each input image (an image UUID of ours is already stored) and return the

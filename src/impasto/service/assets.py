@@ -27,6 +27,13 @@ _KIND_NAMES = {
 def check_model_kind(resolved: ResolvedModel) -> None:
     """The task's own model must be a runnable checkpoint."""
     entry = resolved.requested
+    if entry.utility_task is not None:
+        raise InvalidParameter(
+            f"Model {entry.air} is a {entry.category} model, not a checkpoint; run it with a "
+            f"{entry.utility_task} task.",
+            code="invalidModel",
+            parameter="model",
+        )
     if entry.is_asset:
         raise InvalidParameter(
             f"Model {entry.air} is {_KIND_NAMES.get(entry.category, entry.category)}, not a "

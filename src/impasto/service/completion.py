@@ -42,7 +42,7 @@ def upload_errors(results: list[ResultRecord], uploads: list[DeliveryRecord]) ->
                 f"Uploading image {item.get('imageUUID', '')} to uploadEndpoint failed after "
                 f"{upload.attempts} attempt(s): {reason}.{where}",
                 parameter="uploadEndpoint",
-                task_type="imageInference",
+                task_type=item.get("taskType", "imageInference"),
                 task_uuid=upload.task_uuid,
             )
         )

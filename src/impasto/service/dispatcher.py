@@ -37,6 +37,13 @@ from impasto.protocol.utility import (
     ImageControlNetPreProcessIn,
     MediaStorageIn,
 )
+from impasto.protocol.utility_tasks import (
+    CaptionFields,
+    PromptEnhanceIn,
+    RemoveBackgroundFields,
+    UpscaleFields,
+    UtilityTaskIn,
+)
 from impasto.service.account import AccountService
 from impasto.service.inference import InferenceService
 from impasto.service.metrics import Metrics
@@ -44,12 +51,18 @@ from impasto.service.models import ModelSearchService
 from impasto.service.preprocess import PreprocessService
 from impasto.service.responses import ResponseService
 from impasto.service.uploads import UploadService
+from impasto.service.utility_tasks import UtilityService
 from impasto.state.base import EventBus
 from impasto.tenancy.directory import KeyDirectory
 from impasto.tenancy.keys import ANONYMOUS, Principal
 from impasto.tenancy.quotas import QuotaGate
 
 log = logging.getLogger("impasto.dispatcher")
+
+# The tasks a sync reply waits for, result by result.
+StreamedIn = (
+    ImageInferenceIn | UpscaleFields | RemoveBackgroundFields | CaptionFields | PromptEnhanceIn
+)
 
 
 def after_acceptance(error: ImpastoError) -> ImpastoError:
@@ -107,10 +120,12 @@ class TaskDispatcher:
         preprocess: PreprocessService | None = None,
         quotas: QuotaGate | None = None,
         account: AccountService | None = None,
+        utility: UtilityService | None = None,
     ) -> None:
         self.auth = auth
         self._quotas = quotas
         self._account = account
+        self._utility = utility
         self._bus = bus
         self._inference = inference
         self._uploads = uploads
@@ -183,9 +198,9 @@ class TaskDispatcher:
         try:
             principal = self.auth.recheck(principal)
             task = parse_task(raw)
-            if isinstance(task, ImageInferenceIn) and task.deliveryMethod == "sync":
+            if isinstance(task, StreamedIn) and task.deliveryMethod == "sync":
                 outcome = "ok"
-                async for part in self._stream_inference(task, principal):
+                async for part in self._stream(task, principal):
                     if part.errors and outcome == "ok":
                         outcome = part.errors[0].code
                     yield part
@@ -220,10 +235,22 @@ class TaskDispatcher:
         ):
             await self._inference.submit(task, principal)
 
+    async def _submit_utility(self, task: UtilityTaskIn, principal: Principal) -> None:
+        if self._utility is None:
+            raise not_run_here(task.taskType)
+        if self._quotas is not None:
+            await self._quotas.admit_work(principal)
+        await self._utility.submit(task, principal)
+
     async def _run(self, task: TaskIn, principal: Principal) -> Envelope:
         owner = principal.owner or None
         if isinstance(task, ImageInferenceIn):
             await self._submit(task, principal)
+            return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
+        if isinstance(
+            task, UpscaleFields | RemoveBackgroundFields | CaptionFields | PromptEnhanceIn
+        ):
+            await self._submit_utility(task, principal)
             return Envelope(data=[ack_item(task.taskType, task.taskUUID)])
         if isinstance(task, AccountManagementIn | GetTaskDetailsIn):
             if self._account is None:
@@ -258,11 +285,13 @@ class TaskDispatcher:
             )
         raise AssertionError(f"unhandled task {type(task).__name__}")
 
-    async def _stream_inference(
-        self, task: ImageInferenceIn, principal: Principal
-    ) -> AsyncIterator[Envelope]:
+    async def _stream(self, task: StreamedIn, principal: Principal) -> AsyncIterator[Envelope]:
+        """A sync task: accept it, then yield each result as it is stored."""
         async with self._bus.subscribe(task.taskUUID) as subscription:
-            await self._submit(task, principal)
+            if isinstance(task, ImageInferenceIn):
+                await self._submit(task, principal)
+            else:
+                await self._submit_utility(task, principal)
             seen: set[tuple[str, str]] = set()
             try:
                 async for result in self._inference.follow(
@@ -278,7 +307,7 @@ class TaskDispatcher:
                         yield Envelope(errors=[after_acceptance(error)])
                 failures = (
                     await self._inference.upload_failures(task.taskUUID)
-                    if task.uploadEndpoint
+                    if getattr(task, "uploadEndpoint", None)
                     else []
                 )
             except ImpastoError as exc:

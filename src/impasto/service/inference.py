@@ -24,7 +24,7 @@ from impasto.service.completion import TaskCompletion
 from impasto.service.images import ImageResolver
 from impasto.service.jobs import LocalRunner
 from impasto.service.outcomes import OutcomeRecorder
-from impasto.service.recovery import JobDone, TaskRecovery
+from impasto.service.recovery import JobDone, OtherTasks, TaskRecovery
 from impasto.service.safety import ContentSafety
 from impasto.service.usage import UsageMeter
 from impasto.state.base import EventBus, JobQueue, QueuedJob, StateStore, Subscription
@@ -56,6 +56,7 @@ class InferenceService:
         queue: JobQueue | None = None,
         max_queued: int | None = None,
         meter: UsageMeter | None = None,
+        others: OtherTasks | None = None,
     ) -> None:
         self.completion = TaskCompletion(state, bus, wake_outbox)
         self.recorder = OutcomeRecorder(
@@ -91,6 +92,7 @@ class InferenceService:
             completion=self.completion,
             runner=runner,
             validate=self.acceptance.validate,
+            others=others,
         )
 
     def validate(self, task: ImageInferenceIn) -> ResolvedModel:

@@ -36,6 +36,9 @@ def _result(entry: ModelEntry, registry: ModelRegistry) -> dict[str, Any]:
         result["defaultScheduler"] = "Default"
     # impasto's own: what the model can do (an asset does nothing on its own), and what a
     # request for it may hold (the playground builds its form from these).
+    if entry.utility_task is not None:
+        # impasto's own: the task type a utility model runs in.
+        result["taskType"] = entry.utility_task
     runnable = not (entry.is_asset or entry.type == "refiner")
     result["modes"] = modes_of(entry.rules) if runnable else []
     if runnable:

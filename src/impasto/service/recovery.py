@@ -25,6 +25,8 @@ TASK_TYPE = "imageInference"
 
 JobDone = Callable[[QueuedJob], Awaitable[None]]
 Validate = Callable[[ImageInferenceIn], ResolvedModel]
+# Runs an accepted task of another type (a utility task) to its end.
+OtherTasks = Callable[[TaskRecord], Awaitable[None]]
 
 
 class TaskRecovery:
@@ -38,12 +40,14 @@ class TaskRecovery:
         completion: TaskCompletion,
         runner: LocalRunner,
         validate: Validate,
+        others: OtherTasks | None = None,
     ) -> None:
         self._state = state
         self._resolver = resolver
         self._completion = completion
         self._runner = runner
         self._validate = validate
+        self._others = others
 
     async def resume(self, record: TaskRecord) -> None:
         """After a restart: re-run the generations of an accepted task that were not stored."""
@@ -56,6 +60,11 @@ class TaskRecovery:
         record = await self._state.get_task(task_uuid)
         if record is None:
             # Swept or never stored: nothing to run, nothing to keep.
+            for job in queued:
+                await done(job)
+            return
+        if record.task_type != TASK_TYPE and self._others is not None:
+            await self._others(record)
             for job in queued:
                 await done(job)
             return

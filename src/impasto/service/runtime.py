@@ -30,11 +30,16 @@ from impasto.backends.factory import (
     unavailable_models,
 )
 from impasto.backends.registry import ModelRegistry
+from impasto.backends.utility.base import UtilityModel
+from impasto.backends.utility.factory import create_utility_model
 from impasto.delivery.outbound import OutboundClient, OutboundGuard
 from impasto.delivery.outbox import Outbox, RetryPolicy, SettledCallback
 from impasto.engine.scheduler import Scheduler
+from impasto.engine.utility import UtilityEngine
 from impasto.protocol.errors import TaskInterrupted
+from impasto.protocol.utility_tasks import UTILITY_TASK_TYPES
 from impasto.service.account import AccountService
+from impasto.service.completion import TaskCompletion
 from impasto.service.dispatcher import TaskDispatcher
 from impasto.service.images import ImageResolver
 from impasto.service.inference import InferenceService
@@ -49,6 +54,8 @@ from impasto.service.stores import SharedStores, shared_stores
 from impasto.service.supervisor import Supervisor
 from impasto.service.uploads import UploadService
 from impasto.service.usage import UsageMeter
+from impasto.service.utility_outcomes import UtilityOutcomes
+from impasto.service.utility_tasks import UtilityDefaults, UtilityService
 from impasto.service.worker import Worker
 from impasto.settings import Settings
 from impasto.state.base import EventBus, StateStore
@@ -92,6 +99,7 @@ class Runtime:
     outbox: Outbox
     started_at: float
     preload: Preloader
+    utility: UtilityService
     role: Role = "single"
     worker: Worker | None = None
 
@@ -199,6 +207,47 @@ class Runtime:
         # The outbox's wake-up, made first: inference queues deliveries and wakes the outbox,
         # the outbox reports settled uploads back to inference.
         outbox_wakeup = asyncio.Event()
+        meter = UsageMeter(state, stores.tenancy, metrics)
+        unavailable = unavailable_models(registry, context)
+        # Stored inputs outlive any re-run of their task.
+        input_retention_s = settings.task_retention_s + settings.output_retention_s
+
+        async def load_utility(air: str) -> UtilityModel:
+            entry = registry.resolve(air).target
+            return await asyncio.to_thread(create_utility_model, entry, context)
+
+        utility_engine = UtilityEngine(load_utility)
+        utility_completion = TaskCompletion(state, bus, outbox_wakeup.set)
+        utility = UtilityService(
+            registry=registry,
+            state=state,
+            images=images,
+            resolver=resolver,
+            engine=utility_engine,
+            completion=utility_completion,
+            outcomes=UtilityOutcomes(
+                state=state,
+                images=images,
+                completion=utility_completion,
+                image_base_url=settings.image_base_url,
+                output_retention_s=settings.output_retention_s,
+                wake_outbox=outbox_wakeup.set,
+                meter=meter,
+            ),
+            guard=guard,
+            defaults=UtilityDefaults(
+                models={
+                    "upscale": settings.upscale_model,
+                    "removeBackground": settings.remove_background_model,
+                    "caption": settings.caption_model,
+                    "promptEnhance": settings.prompt_enhance_model,
+                },
+                upscale_max_side=settings.upscale_max_side,
+            ),
+            input_retention_s=input_retention_s,
+            unavailable=unavailable,
+            queue=queue if role == "api" else None,
+        )
         inference = InferenceService(
             registry=registry,
             state=state,
@@ -209,15 +258,15 @@ class Runtime:
             encode_pool=encode_pool,
             image_base_url=settings.image_base_url,
             output_retention_s=settings.output_retention_s,
-            # Stored inputs outlive any re-run of their task.
-            input_retention_s=settings.task_retention_s + settings.output_retention_s,
+            input_retention_s=input_retention_s,
             safety=await load_content_safety(settings),
             guard=guard,
             wake_outbox=outbox_wakeup.set,
-            unavailable=unavailable_models(registry, context),
+            unavailable=unavailable,
             queue=queue if role == "api" else None,
             max_queued=settings.max_queued_images,
-            meter=UsageMeter(state, stores.tenancy, metrics),
+            meter=meter,
+            others=utility.run,
         )
         outbox = Outbox(
             state,
@@ -275,6 +324,7 @@ class Runtime:
             preprocess=preprocess,
             quotas=QuotaGate(stores.limiter, state),
             account=AccountService(state, stores.tenancy, stores.tenancy),
+            utility=utility,
         )
         sweeper = Sweeper(
             state,
@@ -305,6 +355,7 @@ class Runtime:
                 scheduler, [registry.resolve(a).target.air for a in settings.preload]
             ),
             started_at=time.time(),
+            utility=utility,
             role=role,
         )
         if role == "worker":
@@ -339,8 +390,10 @@ class Runtime:
             await asyncio.gather(preloading, return_exceptions=True)
             await runtime.supervisor.close()
             runtime.sessions.close()
+            await utility.close()
             await outbox.close()
             await scheduler.close()
+            await utility_engine.close()
             encode_pool.shutdown(wait=True)
             devices.shutdown()
             await outbound.aclose()
@@ -351,6 +404,9 @@ class Runtime:
         for task in await self.state.unfinished_tasks():
             if task.task_type == "imageInference":
                 await self.inference.resume(task)
+                continue
+            if task.task_type in UTILITY_TASK_TYPES:
+                await self.utility.resume(task)
                 continue
             error = TaskInterrupted(
                 "The server stopped while this task was running; submit it again with a new "
