@@ -230,3 +230,40 @@ def test_a_worker_reports_health_and_metrics_on_its_own_port(cluster: Cluster) -
     assert stats["completed"] == 2
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'impasto_batch_size_count{model="impasto:tiny@1"}' in metrics
+
+
+def test_utility_tasks_are_queued_to_the_worker_that_serves_their_model(
+    cluster: Cluster,
+) -> None:
+    """An API node holds no models: an upscale of a generated image and a prompt enhance go
+    through the queue to the worker serving each model; the input is read from the bucket."""
+    first, second = cluster.api(), cluster.api()
+    cluster.worker(TINY, "impasto:tiny-upscaler@1", "impasto:tiny-enhancer@1")
+    generated = first.post([task(width=64, height=64)])["data"][0]
+    upscale = {
+        "taskType": "upscale",
+        "taskUUID": str(uuid.uuid4()),
+        "model": "impasto:tiny-upscaler@1",
+        "inputImage": generated["imageUUID"],
+        "upscaleFactor": 2,
+    }
+    reply = second.post([upscale])
+    assert "errors" not in reply, reply
+    (item,) = reply["data"]
+    served = httpx.get(f"http://127.0.0.1:{first.port}/image/{item['imageUUID']}.jpg")
+    assert served.status_code == 200
+    assert Image.open(io.BytesIO(served.content)).size == (128, 128)
+    enhance = {
+        "taskType": "promptEnhance",
+        "taskUUID": str(uuid.uuid4()),
+        "model": "impasto:tiny-enhancer@1",
+        "prompt": "a lantern in the fog",
+        "promptVersions": 2,
+        "deliveryMethod": "async",
+    }
+    assert first.post([enhance])["data"] == [
+        {"taskType": "promptEnhance", "taskUUID": enhance["taskUUID"]}
+    ]
+    items = poll_until_done(second, enhance["taskUUID"])
+    assert [i["status"] for i in items] == ["success", "success"]
+    assert all(i["text"].strip() for i in items)

@@ -402,3 +402,76 @@ def test_model_search_lists_the_utility_models_by_category(server: RunningServer
     airs = {r["air"] for r in reply["results"]}
     assert {"impasto:tiny-upscaler@1", "runware:503@1", "impasto:sd-x4-upscaler@1"} <= airs
     assert {r["taskType"] for r in reply["results"]} == {"upscale"}
+
+
+def test_a_task_left_running_by_a_stopped_server_runs_after_the_restart(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    from impasto.state.records import TaskRecord
+
+    data = tmp_path / "restart"
+    first = server_factory(data, **TINY_DEFAULTS)
+    upload = first.post([task("imageUpload", image=PHOTO)]).json()["data"][0]
+    task_uuid = str(uuid.uuid4())
+    record = TaskRecord(
+        task_uuid=task_uuid,
+        task_type="imageUpscale",
+        model="impasto:tiny-upscaler@2",
+        request={
+            "taskType": "imageUpscale",
+            "taskUUID": task_uuid,
+            "model": "impasto:tiny-upscaler@2",
+            "inputImage": upload["imageUUID"],
+            "upscaleFactor": 4,
+        },
+        expected=1,
+        created_at=0.0,
+    )
+    # Accepted, and the process stopped before its model ran.
+    first.call(first.runtime().state.create_task(record))
+    first.stop()
+    second = server_factory(data, **TINY_DEFAULTS)
+
+    def done() -> list[dict[str, Any]]:
+        reply = second.post([{"taskType": "getResponse", "taskUUID": task_uuid}]).json()
+        return [i for i in reply["data"] if i["status"] == "success"]
+
+    wait_until(lambda: bool(done()), timeout=60)
+    assert image_of(done()[0]).size == (160, 120)
+
+
+def test_prompt_enhance_through_an_operators_chat_endpoint(
+    server_factory: Any, tmp_path: Path, loopback_http: LoopbackHTTP, monkeypatch: Any
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def chat(request: Any) -> tuple[int, str, bytes]:
+        body = json.loads(request.body)
+        seen.append({"body": body, "auth": request.headers.get("Authorization")})
+        text = f"a castle number {body['seed'] % 1000} at dawn, mist, golden light"
+        answer = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+        return 200, "application/json", json.dumps(answer).encode()
+
+    loopback_http.handler = chat
+    monkeypatch.setenv("TEST_ENHANCER_KEY", "sk-test")
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models."my:chat@1"]\ntype = "prompt-enhancer"\nbackend = "openai-chat"\n'
+        '[models."my:chat@1".settings]\n'
+        f'url = "{loopback_http.url("/v1")}"\nmodel = "qwen-7b"\n'
+        'api_key_env = "TEST_ENHANCER_KEY"\n'
+        '[models."my:keyless@1"]\ntype = "prompt-enhancer"\nbackend = "openai-chat"\n'
+        '[models."my:keyless@1".settings]\n'
+        f'url = "{loopback_http.url("/v1")}"\napi_key_env = "TEST_UNSET_KEY_VARIABLE"\n'
+    )
+    running = server_factory(tmp_path / "chat", models=models, prompt_enhance_model="my:chat@1")
+    body = task("promptEnhance", prompt="a castle", promptVersions=2, promptMaxLength=40)
+    items = items_of(running, body, count=2)
+    assert all(len(i["text"]) <= 40 and i["text"].startswith("a castle") for i in items)
+    assert [s["body"]["model"] for s in seen] == ["qwen-7b", "qwen-7b"]
+    assert {s["auth"] for s in seen} == {"Bearer sk-test"}
+    assert "a castle" in json.dumps(seen[0]["body"]["messages"])
+    # A model whose key is not set is refused before anything is accepted.
+    refused = running.post([task("promptEnhance", prompt="a castle", model="my:keyless@1")])
+    assert refused.status_code == 503
+    assert refused.json()["errors"][0]["code"] == "providerNotConfigured"

@@ -28,6 +28,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from runware import Runware
@@ -43,10 +44,11 @@ def emit(**fields: Any) -> None:
 
 
 class WireLog:
-    """The SDK's own debug log sink: keeps the error codes of the frames it received."""
+    """The SDK's own debug log sink: keeps the error codes and the data frames it received."""
 
     def __init__(self) -> None:
         self.error_codes: list[str] = []
+        self.frames: list[list[dict[str, Any]]] = []
 
     def __call__(self, entry: LogEntry) -> None:
         if entry.category != "receive":
@@ -55,10 +57,33 @@ class WireLog:
             frame = json.loads(entry.message)
         except ValueError:
             return
-        if isinstance(frame, dict):
-            for error in frame.get("errors") or []:
-                if isinstance(error, dict) and isinstance(error.get("code"), str):
-                    self.error_codes.append(error["code"])
+        if not isinstance(frame, dict):
+            return
+        for error in frame.get("errors") or []:
+            if isinstance(error, dict) and isinstance(error.get("code"), str):
+                self.error_codes.append(error["code"])
+        data = frame.get("data")
+        if isinstance(data, list):
+            self.frames.append([item for item in data if isinstance(item, dict)])
+
+    def results_of(self, task_uuid: str) -> list[dict[str, Any]]:
+        """The finished items of one task as the server sent them: those of the last
+        getResponse answer (each answers with the whole task so far, its items carry a
+        status), else every item the task's frames streamed (a sync task's, one a frame over
+        WebSocket, all in one REST reply)."""
+        streamed: list[dict[str, Any]] = []
+        polled: list[dict[str, Any]] | None = None
+        for frame in self.frames:
+            items = [
+                item
+                for item in frame
+                if item.get("taskUUID") == task_uuid and ("text" in item or "imageUUID" in item)
+            ]
+            if any("status" in item for item in items):
+                polled = [item for item in items if item.get("status") == "success"]
+            else:
+                streamed.extend(items)
+        return streamed if polled is None else polled
 
 
 def make_client(url: str, wire: WireLog) -> Runware:
@@ -186,11 +211,15 @@ async def scenario(url: str, name: str, args: dict[str, Any]) -> Any:
         raise SystemExit(f"unknown scenario {name!r}")
 
 
-def main() -> None:
+Scenario = Callable[[str, str, dict[str, Any]], Coroutine[Any, Any, Any]]
+
+
+def main(run: Scenario = scenario) -> None:
+    """URL SCENARIO [ARGS_JSON] from the command line; prints the result or the error."""
     url, name = sys.argv[1], sys.argv[2]
     args = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     try:
-        result = asyncio.run(scenario(url, name, args))
+        result = asyncio.run(run(url, name, args))
     except RunwareError as error:
         emit(error=error_fields(error, WireLog()))
         raise SystemExit(1) from None

@@ -22,84 +22,14 @@ Scenarios:
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
 import uuid
 from typing import Any
 
-from runware import Runware
+from python_new_client import WireLog, emit, error_fields, main, make_client
 from runware.errors import RunwareError
-from runware.logger import LogEntry
 from runware.types.sdk import RunOptions
 
 MODEL = "impasto:tiny@1"
-
-
-def emit(**fields: Any) -> None:
-    print(json.dumps(fields), flush=True)
-
-
-class WireLog:
-    """The SDK's own debug log sink: keeps the error codes and the data frames it received."""
-
-    def __init__(self) -> None:
-        self.error_codes: list[str] = []
-        self.frames: list[list[dict[str, Any]]] = []
-
-    def __call__(self, entry: LogEntry) -> None:
-        if entry.category != "receive":
-            return
-        try:
-            frame = json.loads(entry.message)
-        except ValueError:
-            return
-        if not isinstance(frame, dict):
-            return
-        for error in frame.get("errors") or []:
-            if isinstance(error, dict) and isinstance(error.get("code"), str):
-                self.error_codes.append(error["code"])
-        data = frame.get("data")
-        if isinstance(data, list):
-            self.frames.append([item for item in data if isinstance(item, dict)])
-
-    def results_of(self, task_uuid: str) -> list[dict[str, Any]]:
-        """The finished items of one task as the server sent them: those of the last
-        getResponse answer (each answers with the whole task so far, its items carry a
-        status), else every item the task's frames streamed (a sync task's, one a frame over
-        WebSocket, all in one REST reply)."""
-        streamed: list[dict[str, Any]] = []
-        polled: list[dict[str, Any]] | None = None
-        for frame in self.frames:
-            items = [
-                item
-                for item in frame
-                if item.get("taskUUID") == task_uuid and ("text" in item or "imageUUID" in item)
-            ]
-            if any("status" in item for item in items):
-                polled = [item for item in items if item.get("status") == "success"]
-            else:
-                streamed.extend(items)
-        return streamed if polled is None else polled
-
-
-def make_client(url: str, wire: WireLog) -> Runware:
-    common: dict[str, Any] = {"api_key": "k", "retry_delay": 200, "debug": True, "log_sink": wire}
-    if url.startswith("ws"):
-        return Runware(transport="websocket", ws_base_url=url, **common)
-    return Runware(transport="rest", http_base_url=url, **common)
-
-
-def error_fields(error: RunwareError, wire: WireLog) -> dict[str, Any]:
-    return {
-        "type": type(error).__name__,
-        "code": error.code,
-        "parameter": error.parameter,
-        "task_uuid": error.task_uuid,
-        "status_code": error.status_code,
-        "message": error.message,
-        "wire_codes": wire.error_codes,
-    }
 
 
 def options() -> RunOptions:
@@ -152,16 +82,5 @@ async def scenario(url: str, name: str, args: dict[str, Any]) -> Any:
         raise SystemExit(f"unknown scenario {name!r}")
 
 
-def main() -> None:
-    url, name = sys.argv[1], sys.argv[2]
-    args = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    try:
-        result = asyncio.run(scenario(url, name, args))
-    except RunwareError as error:
-        emit(error=error_fields(error, WireLog()))
-        raise SystemExit(1) from None
-    emit(result=result)
-
-
 if __name__ == "__main__":
-    main()
+    main(scenario)

@@ -58,6 +58,32 @@ def _write_tokenizer_files(directory: Path) -> dict[str, int]:
     return vocab
 
 
+def tiny_clip_text(token_dir: Path, layers: int) -> tuple[Any, Any]:
+    """A byte-level CLIP tokenizer (its files written into `token_dir`) and a CLIP text
+    encoder of `layers` narrow layers with random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = _write_tokenizer_files(token_dir)
+    tokenizer = CLIPTokenizer(
+        str(token_dir / "vocab.json"), str(token_dir / "merges.txt"), model_max_length=77
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    return tokenizer, text_encoder
+
+
 def tiny_vae(**extra: Any) -> Any:
     """The tiny VAE: 16x downsampling in five narrow levels, no attention (random weights)."""
     from diffusers import AutoencoderKL
@@ -97,28 +123,10 @@ def _build(directory: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(20261127)
     token_dir = directory / "_tokenizer_src"
-    vocab = _write_tokenizer_files(token_dir)
-    tokenizer = CLIPTokenizer(
-        str(token_dir / "vocab.json"), str(token_dir / "merges.txt"), model_max_length=77
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    tokenizer, text_encoder = tiny_clip_text(token_dir, layers=2)
     unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,

@@ -38,7 +38,7 @@ from impasto.service.completion import TaskCompletion
 from impasto.service.safety import ContentSafety, wants_output_check
 from impasto.service.usage import UsageMeter
 from impasto.state.base import StateStore
-from impasto.state.records import ImageRecord, ResultRecord
+from impasto.state.records import DeliveryRecord, ImageRecord, ResultRecord
 from impasto.storage.base import ImageStore
 
 log = logging.getLogger("impasto.outcomes")
@@ -48,6 +48,35 @@ TASK_TYPE = "imageInference"
 Sleep = Callable[[float], Awaitable[None]]
 # Awaited once a generation's outcome is stored (worker acknowledgements).
 StoredCallback = Callable[[GenerationJob], Awaitable[None]]
+
+
+def result_deliveries(
+    task_uuid: str,
+    index: int,
+    item: dict[str, Any],
+    *,
+    webhook_url: str | None,
+    upload: tuple[str, str, str] | None = None,
+) -> list[DeliveryRecord]:
+    """What a stored result sends: its image PUT to the upload endpoint (`upload`: endpoint,
+    storage key, content type), then or else its webhook `{"data": [item]}`."""
+    webhook = {"url": webhook_url, "payload": json.dumps({"data": [item]})} if webhook_url else None
+    if upload is not None:
+        endpoint, key, content_type = upload
+        return [
+            new_delivery(
+                "upload",
+                task_uuid,
+                endpoint,
+                key,
+                index=index,
+                content_type=content_type,
+                then=webhook,
+            )
+        ]
+    if webhook is not None:
+        return [new_delivery("webhook", task_uuid, webhook["url"], webhook["payload"], index=index)]
+    return []
 
 
 class OutcomeRecorder:
@@ -222,34 +251,15 @@ class OutcomeRecorder:
                 nsfw=nsfw,
             )
             record = ResultRecord(task.taskUUID, job.index, "success", item, now)
-            deliveries = []
-            webhook = (
-                {"url": task.webhookURL, "payload": json.dumps({"data": [item]})}
-                if task.webhookURL
-                else None
+            deliveries = result_deliveries(
+                task.taskUUID,
+                job.index,
+                item,
+                webhook_url=task.webhookURL,
+                upload=(task.uploadEndpoint, key, encoded.content_type)
+                if task.uploadEndpoint
+                else None,
             )
-            if task.uploadEndpoint:
-                deliveries.append(
-                    new_delivery(
-                        "upload",
-                        task.taskUUID,
-                        task.uploadEndpoint,
-                        key,
-                        index=job.index,
-                        content_type=encoded.content_type,
-                        then=webhook,
-                    )
-                )
-            elif webhook is not None:
-                deliveries.append(
-                    new_delivery(
-                        "webhook",
-                        task.taskUUID,
-                        webhook["url"],
-                        webhook["payload"],
-                        index=job.index,
-                    )
-                )
             keep = True
             try:
                 stored = await self._state.add_result(record, deliveries, image=image_record)

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image
 
 from impasto.delivery.codecs import EncodedImage, encode_image
-from impasto.delivery.outbox import new_delivery
 from impasto.protocol.results import image_item
 from impasto.protocol.utility_tasks import text_item
 from impasto.service.completion import TaskCompletion
+from impasto.service.outcomes import result_deliveries
 from impasto.service.usage import UsageMeter
 from impasto.state.base import StateStore
-from impasto.state.records import DeliveryRecord, ImageRecord, ResultRecord
+from impasto.state.records import ImageRecord, ResultRecord
 from impasto.storage.base import ImageStore
 
 
@@ -114,7 +112,15 @@ class UtilityOutcomes:
                 or f"{self._image_base_url}/image/{key}",
                 cost=delivery.cost if delivery.include_cost else None,
             )
-            deliveries = self._deliveries(delivery, item, 0, key, encoded.content_type)
+            deliveries = result_deliveries(
+                delivery.task_uuid,
+                0,
+                item,
+                webhook_url=delivery.webhook_url,
+                upload=(delivery.upload_endpoint, key, encoded.content_type)
+                if delivery.upload_endpoint
+                else None,
+            )
             keep = await self._state.add_result(
                 ResultRecord(delivery.task_uuid, 0, "success", item, now),
                 deliveries,
@@ -150,7 +156,9 @@ class UtilityOutcomes:
                 # The price is the task's: shown once, on its first item.
                 (delivery.cost if index == 0 else 0.0) if delivery.include_cost else None,
             )
-            deliveries = self._deliveries(delivery, item, index, None, None)
+            deliveries = result_deliveries(
+                delivery.task_uuid, index, item, webhook_url=delivery.webhook_url
+            )
             stored = await self._state.add_result(
                 ResultRecord(delivery.task_uuid, index, "success", item, now), deliveries
             )
@@ -158,36 +166,3 @@ class UtilityOutcomes:
         if woken:
             self._wake_outbox()
         await self._completion.maybe_finish(delivery.task_uuid)
-
-    def _deliveries(
-        self,
-        delivery: Delivery,
-        item: dict[str, Any],
-        index: int,
-        key: str | None,
-        content_type: str | None,
-    ) -> list[DeliveryRecord]:
-        webhook = (
-            {"url": delivery.webhook_url, "payload": json.dumps({"data": [item]})}
-            if delivery.webhook_url
-            else None
-        )
-        if delivery.upload_endpoint and key is not None and content_type is not None:
-            return [
-                new_delivery(
-                    "upload",
-                    delivery.task_uuid,
-                    delivery.upload_endpoint,
-                    key,
-                    index=index,
-                    content_type=content_type,
-                    then=webhook,
-                )
-            ]
-        if webhook is not None:
-            return [
-                new_delivery(
-                    "webhook", delivery.task_uuid, webhook["url"], webhook["payload"], index=index
-                )
-            ]
-        return []

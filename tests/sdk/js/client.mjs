@@ -20,11 +20,13 @@
 //   drop              imageInference() ARGS.task with onPartialImages events, while the test cuts
 //                     the connection; ARGS.timeoutDuration bounds each wait for images
 
+import { pathToFileURL } from "node:url";
+
 import { RunwareServer } from "@runware/sdk-js";
 
 const MODEL = "impasto:tiny@1";
 
-function emit(fields) {
+export function emit(fields) {
   process.stdout.write(JSON.stringify(fields) + "\n");
 }
 
@@ -104,7 +106,9 @@ async function scenario(rw, name, args) {
   throw new Error(`unknown scenario ${name}`);
 }
 
-async function main() {
+// Runs `run(rw, name, args)` for the command line's URL SCENARIO [ARGS_JSON] and prints the
+// result or the error (utility_client.mjs shares it).
+export async function runClient(run) {
   const [url, name, rawArgs] = process.argv.slice(2);
   const args = rawArgs ? JSON.parse(rawArgs) : {};
   const rw = new RunwareServer({
@@ -116,7 +120,7 @@ async function main() {
   try {
     await rw.ensureConnection();
     emit({ event: "connected" });
-    emit({ result: await scenario(rw, name, args) });
+    emit({ result: await run(rw, name, args) });
   } catch (failure) {
     const error = failure instanceof Error ? { message: failure.message } : failure;
     emit({ error });
@@ -128,4 +132,6 @@ async function main() {
   process.exit();
 }
 
-main();
+if (import.meta.url === pathToFileURL(process.argv[1]).href) {
+  runClient(scenario);
+}

@@ -22,7 +22,7 @@
 //                    imageUUID (ARGS.upscale on top); result: {generated, upscaled}
 //   invalid          ARGS.method with ARGS.params, expecting a rejection; result: the rejection
 
-import { RunwareServer } from "@runware/sdk-js";
+import { runClient } from "./client.mjs";
 
 const MODEL = "impasto:tiny@1";
 const METHODS = {
@@ -32,9 +32,6 @@ const METHODS = {
   enhancePrompt: ["enhancePrompt", "promptEnhance"],
 };
 
-function emit(fields) {
-  process.stdout.write(JSON.stringify(fields) + "\n");
-}
 
 function method(rw, name) {
   if (!Object.values(METHODS).flat().includes(name) || typeof rw[name] !== "function") {
@@ -78,28 +75,4 @@ async function scenario(rw, name, args) {
   throw new Error(`unknown scenario ${name}`);
 }
 
-async function main() {
-  const [url, name, rawArgs] = process.argv.slice(2);
-  const args = rawArgs ? JSON.parse(rawArgs) : {};
-  const rw = new RunwareServer({
-    apiKey: "k",
-    url,
-    ...(args.timeoutDuration ? { timeoutDuration: args.timeoutDuration } : {}),
-    enableLogging: Boolean(process.env.IMPASTO_SDK_JS_LOG),
-  });
-  try {
-    await rw.ensureConnection();
-    emit({ event: "connected" });
-    emit({ result: await scenario(rw, name, args) });
-  } catch (failure) {
-    const error = failure instanceof Error ? { message: failure.message } : failure;
-    emit({ error });
-    process.exitCode = 1;
-  } finally {
-    await rw.disconnect();
-  }
-  // The SDK keeps timers (heartbeat, reconnect) that would hold the process open.
-  process.exit();
-}
-
-main();
+runClient(scenario);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from impasto.backends.tiny import _write_tokenizer_files, build_atomically
+from impasto.backends.tiny import build_atomically, tiny_clip_text
 from impasto.backends.tiny_assets import _seeded
 
 # Bump when an architecture or its weights change, so old copies are rebuilt.
@@ -59,28 +59,10 @@ def _build_sd_upscaler(directory: Path) -> None:
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     token_dir = directory / "_tokenizer_src"
-    vocab = _write_tokenizer_files(token_dir)
-    tokenizer = CLIPTokenizer(
-        str(token_dir / "vocab.json"), str(token_dir / "merges.txt"), model_max_length=77
-    )
     with _seeded(20261202):
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
+        tokenizer, text_encoder = tiny_clip_text(token_dir, layers=1)
         # As the real x4 upscaler: the latents are concatenated with the (noised) low-res
         # image, 4 + 3 channels in, and the noise level is a class label.
         unet = UNet2DConditionModel(
