@@ -120,7 +120,7 @@ def test_a_tokenizer_without_a_chat_template_gets_plain_text(
     tiny_enhancer: Path, worker: DeviceWorker
 ) -> None:
     enhancer = TextGeneratorEnhancer(entry(max_new_tokens=10), tiny_enhancer, worker, offline=True)
-    tokenizer, _ = worker_call(worker, enhancer._load)
+    tokenizer, _ = worker_call(worker, enhancer._ensure_loaded)
     tokenizer.chat_template = None
     [text] = run(enhancer.run(EnhanceRequest("a lighthouse", 300, 1, seed=1)))
     assert text
@@ -131,7 +131,7 @@ def test_a_template_that_refuses_a_system_turn_gets_it_in_the_users(
     tiny_enhancer: Path, worker: DeviceWorker
 ) -> None:
     enhancer = TextGeneratorEnhancer(entry(max_new_tokens=10), tiny_enhancer, worker, offline=True)
-    tokenizer, _ = worker_call(worker, enhancer._load)
+    tokenizer, _ = worker_call(worker, enhancer._ensure_loaded)
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}"
         "{{ raise_exception('System role not supported') }}{% endif %}"

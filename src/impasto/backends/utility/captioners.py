@@ -6,9 +6,6 @@ text prefix ("a picture of"), Florence-2 is told its task by a task token
 (`<MORE_DETAILED_CAPTION>`), and a chat VLM (Qwen2.5-VL, SmolVLM) gets one user turn with the
 image and an instruction through its chat template. `AutoModelForImageTextToText` loads all
 three; the entry's `style` setting (or the model's config) says which input to build.
-
-The helpers at the bottom (dtype, weight size, moving inputs) are shared with the local prompt
-enhancer (enhancers.py).
 """
 
 from __future__ import annotations
@@ -16,13 +13,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from impasto.backends.devices import LOAD_LOCK, DeviceWorker
-from impasto.backends.entries import ModelEntry
-from impasto.backends.utility.base import CaptionRequest, UtilityOutput, UtilityRequest
-from impasto.protocol.errors import InferenceError, InvalidParameter, UnsupportedParameter
+from impasto.backends.utility.base import CaptionRequest, UtilityRequest
+from impasto.backends.utility.local import (
+    LocalUtilityModel,
+    check_dtype,
+    other_task,
+    to_device,
+    weights_bytes,
+)
+from impasto.protocol.errors import InferenceError, UnsupportedParameter
 
 log = logging.getLogger("impasto.backends.utility.captioners")
 
@@ -35,10 +36,17 @@ FLORENCE_CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAP
 DEFAULT_MAX_NEW_TOKENS = 60
 # Beam search makes BLIP's and Florence-2's captions markedly better; chat models decode greedily.
 DEFAULT_BEAMS = {"blip": 3, "florence2": 3, "chat": 1}
-DTYPES = ("float32", "float16", "bfloat16")
 
 
-class Captioner:
+@dataclass(frozen=True)
+class _LoadedCaptioner:
+    processor: Any
+    model: Any
+    style: str
+    size_bytes: int
+
+
+class Captioner(LocalUtilityModel[CaptionRequest, _LoadedCaptioner]):
     """A captioning model run on one device's worker thread, loaded on first use.
 
     Settings (the entry's `settings`):
@@ -55,91 +63,46 @@ class Captioner:
                       always computes in float32)
     """
 
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        settings = entry.settings
+    key_prefix = "captioner:"
+    action = "caption the image"
+    memory_setting = "num_beams"
+
+    def _configure(self, settings: Mapping[str, Any]) -> None:
         problems = check_settings(settings)
         if problems:
-            raise ValueError(f"model {entry.air}: {'; '.join(problems)}")
-        self.entry = entry
-        self.source = source
-        self.worker = worker
-        self.offline = offline
+            raise ValueError(f"model {self.entry.air}: {'; '.join(problems)}")
         self._style: str | None = settings.get("style")
         self._prompt: str | None = settings.get("prompt")
         self._max_new_tokens = int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self._min_new_tokens = int(settings.get("min_new_tokens", 1))
         beams = settings.get("num_beams")
         self._num_beams: int | None = int(beams) if beams is not None else None
-        self._dtype_name: str | None = settings.get("dtype")
-        self._key = f"captioner:{entry.air}"
-        self._loaded: _LoadedCaptioner | None = None
 
-    def __repr__(self) -> str:
-        return f"Captioner({self.entry.air!r}, {str(self.source)!r}, {self.worker.device!r})"
-
-    async def run(self, request: UtilityRequest) -> UtilityOutput:
-        """Caption `request.image`: a list of one text."""
+    def _check(self, request: UtilityRequest) -> CaptionRequest:
         if not isinstance(request, CaptionRequest):
-            raise InvalidParameter(
-                f"Model {self.entry.air} is a captioning model; it only serves caption tasks.",
-                code="invalidModel",
-                parameter="model",
-            )
-        return [await self.worker.run(self._caption, request)]
-
-    async def close(self) -> None:
-        await self.worker.run(self._forget)
+            raise other_task(self.entry.air, "a captioning model", "caption")
+        return request
 
     # -- on the worker thread -----------------------------------------------------------------
 
-    def _load(self) -> _LoadedCaptioner:
-        loaded = self._loaded
-        if loaded is None:
-            loaded = self._loaded = self._from_pretrained()
-        self.worker.models.use(self._key, loaded.size_bytes, self._unload)
-        return loaded
-
-    def _from_pretrained(self) -> _LoadedCaptioner:
+    def _load(self, device: str) -> tuple[_LoadedCaptioner, int]:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        dtype = torch_dtype(self._dtype_name, self.worker.device)
-        try:
-            with LOAD_LOCK:
-                processor = AutoProcessor.from_pretrained(
-                    self.source, local_files_only=self.offline
-                )
-                model = AutoModelForImageTextToText.from_pretrained(
-                    self.source, local_files_only=self.offline, dtype=dtype
-                )
-                model.to(self.worker.device)
-                model.eval()
-        except (OSError, ValueError, KeyError) as exc:
-            log.error("could not load captioner %s from %s: %s", self.entry.air, self.source, exc)
-            raise InferenceError(f"Model {self.entry.air} could not be loaded.") from exc
+        processor = AutoProcessor.from_pretrained(self.source, local_files_only=self.offline)
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.source, local_files_only=self.offline, dtype=self._torch_dtype()
+        )
+        model.to(device)
+        model.eval()
         style = self._style or guess_style(getattr(model.config, "model_type", None))
-        log.info("loaded captioner %s (%s style) on %s", self.entry.air, style, self.worker.device)
-        return _LoadedCaptioner(processor, model, style, weights_bytes(model))
+        log.info("captioner %s takes %s-style input", self.entry.air, style)
+        loaded = _LoadedCaptioner(processor, model, style, weights_bytes(model))
+        return loaded, loaded.size_bytes
 
-    def _unload(self) -> None:
-        if self._loaded is not None:
-            self._loaded = None
-            release_memory(self.worker.device)
-
-    def _forget(self) -> None:
-        self.worker.models.forget(self._key)
-        self._unload()
-
-    def _caption(self, request: CaptionRequest) -> str:
+    def _infer(self, loaded: _LoadedCaptioner, request: CaptionRequest) -> list[str]:
+        """Caption `request.image`: a list of one text."""
         import torch
 
-        loaded = self._load()
         image = request.image.convert("RGB")
         beams = self._num_beams or DEFAULT_BEAMS[loaded.style]
         options: dict[str, Any] = {
@@ -150,13 +113,8 @@ class Captioner:
         }
         inputs = self._inputs(loaded, image, request.prompt)
         inputs = to_device(inputs, self.worker.device, loaded.model.dtype)
-        try:
-            with torch.inference_mode():
-                output = loaded.model.generate(**inputs, **options)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            log.exception("captioner %s failed", self.entry.air)
-            release_memory(self.worker.device)
-            raise InferenceError(f"Model {self.entry.air} failed to caption the image.") from exc
+        with torch.inference_mode():
+            output = loaded.model.generate(**inputs, **options)
         if loaded.style == "chat":
             # A decoder-only model answers after its prompt: keep the new tokens only.
             output = output[:, inputs["input_ids"].shape[1] :]
@@ -164,7 +122,7 @@ class Captioner:
         caption = " ".join(str(text).split())
         if not caption:
             raise InferenceError("The captioning model produced no text.")
-        return caption
+        return [caption]
 
     def _inputs(self, loaded: _LoadedCaptioner, image: Any, prompt: str | None) -> Any:
         """The processor's tensors for one image and the instruction of this style."""
@@ -206,14 +164,6 @@ class Captioner:
         )
 
 
-@dataclass(frozen=True)
-class _LoadedCaptioner:
-    processor: Any
-    model: Any
-    style: str
-    size_bytes: int
-
-
 def guess_style(model_type: str | None) -> str:
     """The input style of a model by its config's model_type."""
     if model_type == "blip":
@@ -241,48 +191,5 @@ def check_settings(settings: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-# -- shared with the local prompt enhancer ------------------------------------------------------
-
-
 def _is_int_at_least(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def check_dtype(settings: Mapping[str, Any]) -> list[str]:
-    dtype = settings.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        return [f"settings.dtype must be one of {', '.join(DTYPES)}"]
-    return []
-
-
-def torch_dtype(name: str | None, device: str) -> Any:
-    """The torch dtype for a `dtype` setting on `device`."""
-    import torch
-
-    # Half precision on a CPU is slow or unsupported: CPUs compute in float32.
-    if not device.startswith("cuda") or name in (None, "float32"):
-        return torch.float32
-    return torch.float16 if name == "float16" else torch.bfloat16
-
-
-def weights_bytes(model: Any) -> int:
-    """The memory a model's parameters and buffers take, for the device's budget."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(int(t.numel()) * int(t.element_size()) for t in tensors)
-
-
-def to_device(inputs: Mapping[str, Any], device: str, dtype: Any) -> dict[str, Any]:
-    """Move a processor's tensors to `device`; floating ones (pixels) take the model's dtype."""
-    moved: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if hasattr(value, "to") and hasattr(value, "is_floating_point"):
-            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        moved[name] = value
-    return moved
-
-
-def release_memory(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()

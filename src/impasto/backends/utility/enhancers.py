@@ -19,26 +19,22 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from impasto.backends.devices import LOAD_LOCK, DeviceWorker
 from impasto.backends.entries import ModelEntry
 from impasto.backends.openai_engine import engine_text, parse_error
 from impasto.backends.utility.base import EnhanceRequest, UtilityOutput, UtilityRequest
-from impasto.backends.utility.captioners import (
-    check_dtype,
-    release_memory,
+from impasto.backends.utility.local import (
+    LocalUtilityModel,
+    other_task,
     to_device,
-    torch_dtype,
     weights_bytes,
 )
 from impasto.protocol.errors import (
     InferenceError,
-    InvalidParameter,
     ProviderError,
     ProviderKeyRejected,
     ProviderRateLimited,
@@ -167,11 +163,7 @@ class _Versions:
 
 def _check_request(request: UtilityRequest, air: str) -> EnhanceRequest:
     if not isinstance(request, EnhanceRequest):
-        raise InvalidParameter(
-            f"Model {air} is a prompt enhancer; it only serves promptEnhance tasks.",
-            code="invalidModel",
-            parameter="model",
-        )
+        raise other_task(air, "a prompt enhancer", "promptEnhance")
     return request
 
 
@@ -195,7 +187,7 @@ def _integer(settings: Mapping[str, Any], key: str, default: int, low: int) -> i
 # -- a local language model -------------------------------------------------------------------
 
 
-class TextGeneratorEnhancer:
+class TextGeneratorEnhancer(LocalUtilityModel[EnhanceRequest, tuple[Any, Any]]):
     """An instruction-tuned causal language model (default Qwen/Qwen2.5-0.5B-Instruct) run on
     one device's worker thread, loaded on first use.
 
@@ -211,91 +203,39 @@ class TextGeneratorEnhancer:
     A tokenizer without a chat template gets a plain "Instruction: ...\\nPrompt:" text.
     """
 
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        settings = entry.settings
+    key_prefix = "prompt-enhancer:"
+    action = "enhance the prompt"
+
+    def _configure(self, settings: Mapping[str, Any]) -> None:
         try:
             self._temperature = _number(settings, "temperature", DEFAULT_TEMPERATURE, 0.01)
             self._top_p = _number(settings, "top_p", DEFAULT_TOP_P, 0.01, 1.0)
             self._max_new_tokens = _integer(settings, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1)
             self._min_new_tokens = _integer(settings, "min_new_tokens", DEFAULT_MIN_NEW_TOKENS, 0)
-            problems = check_dtype(settings)
-            if problems:
-                raise ValueError(problems[0])
         except ValueError as exc:
-            raise ValueError(f"model {entry.air}: {exc}") from None
+            raise ValueError(f"model {self.entry.air}: {exc}") from None
         system = settings.get("system_prompt", SYSTEM_PROMPT)
         self._system = str(system) if system else SYSTEM_PROMPT
-        self._dtype_name: str | None = settings.get("dtype")
-        self.entry = entry
-        self.source = source
-        self.worker = worker
-        self.offline = offline
-        self._key = f"prompt-enhancer:{entry.air}"
-        self._loaded: tuple[Any, Any, int] | None = None
 
-    def __repr__(self) -> str:
-        return (
-            f"TextGeneratorEnhancer({self.entry.air!r}, {str(self.source)!r}, "
-            f"{self.worker.device!r})"
-        )
-
-    async def run(self, request: UtilityRequest) -> UtilityOutput:
-        """`request.versions` distinct prompts (fewer if the model keeps repeating itself)."""
-        enhance = _check_request(request, self.entry.air)
-        return await self.worker.run(self._enhance, enhance)
-
-    async def close(self) -> None:
-        await self.worker.run(self._forget)
+    def _check(self, request: UtilityRequest) -> EnhanceRequest:
+        return _check_request(request, self.entry.air)
 
     # -- on the worker thread -----------------------------------------------------------------
 
-    def _load(self) -> tuple[Any, Any]:
-        if self._loaded is None:
-            self._loaded = self._from_pretrained()
-        tokenizer, model, size = self._loaded
-        self.worker.models.use(self._key, size, self._unload)
-        return tokenizer, model
-
-    def _from_pretrained(self) -> tuple[Any, Any, int]:
+    def _load(self, device: str) -> tuple[tuple[Any, Any], int]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = torch_dtype(self._dtype_name, self.worker.device)
-        try:
-            with LOAD_LOCK:
-                tokenizer = AutoTokenizer.from_pretrained(
-                    self.source, local_files_only=self.offline
-                )
-                model = AutoModelForCausalLM.from_pretrained(
-                    self.source, local_files_only=self.offline, dtype=dtype
-                )
-                model.to(self.worker.device)
-                model.eval()
-        except (OSError, ValueError, KeyError) as exc:
-            log.error(
-                "could not load prompt enhancer %s from %s: %s", self.entry.air, self.source, exc
-            )
-            raise InferenceError(f"Model {self.entry.air} could not be loaded.") from exc
-        log.info("loaded prompt enhancer %s on %s", self.entry.air, self.worker.device)
-        return tokenizer, model, weights_bytes(model)
+        tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=self.offline)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.source, local_files_only=self.offline, dtype=self._torch_dtype()
+        )
+        model.to(device)
+        model.eval()
+        return (tokenizer, model), weights_bytes(model)
 
-    def _unload(self) -> None:
-        if self._loaded is not None:
-            self._loaded = None
-            release_memory(self.worker.device)
-
-    def _forget(self) -> None:
-        self.worker.models.forget(self._key)
-        self._unload()
-
-    def _enhance(self, request: EnhanceRequest) -> list[str]:
-        tokenizer, model = self._load()
+    def _infer(self, loaded: tuple[Any, Any], request: EnhanceRequest) -> list[str]:
+        """`request.versions` distinct prompts (fewer if the model keeps repeating itself)."""
+        tokenizer, model = loaded
         inputs = to_device(self._prompt_inputs(tokenizer, request), self.worker.device, model.dtype)
         max_new = token_budget(request.max_length, self._max_new_tokens)
         options: dict[str, Any] = {
@@ -362,14 +302,9 @@ class TextGeneratorEnhancer:
             if self.worker.device.startswith("cuda")
             else []
         )
-        try:
-            with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                torch.manual_seed(seed)
-                return model.generate(**inputs, **options)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            log.exception("prompt enhancer %s failed", self.entry.air)
-            release_memory(self.worker.device)
-            raise InferenceError(f"Model {self.entry.air} failed to enhance the prompt.") from exc
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            return model.generate(**inputs, **options)
 
 
 # -- an OpenAI-compatible chat endpoint --------------------------------------------------------

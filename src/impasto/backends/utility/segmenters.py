@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from impasto.backends.devices import LOAD_LOCK, DeviceWorker
-from impasto.backends.entries import ModelEntry
-from impasto.backends.utility.base import BackgroundRequest, UtilityOutput, UtilityRequest
+from impasto.backends.utility.base import BackgroundRequest, UtilityRequest
+from impasto.backends.utility.local import LocalUtilityModel, weights_bytes
 from impasto.backends.utility.matting import alpha_matte, compose, post_process_mask
-from impasto.protocol.errors import ImpastoError, InferenceError, InvalidParameter
+from impasto.protocol.errors import InferenceError, InvalidParameter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,6 @@ DEFAULT_SOURCE = "ZhengPeng7/BiRefNet"
 DEFAULT_RESOLUTION = 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _resolution(value: object) -> tuple[int, int]:
@@ -85,7 +82,7 @@ def _check_request(request: BackgroundRequest) -> None:
         )
 
 
-class BackgroundRemover:
+class BackgroundRemover(LocalUtilityModel[BackgroundRequest, Any]):
     """A BiRefNet-style segmentation model answering BackgroundRequests with an RGBA cut-out
     (or the mask alone, or the subject over a colour).
 
@@ -101,101 +98,47 @@ class BackgroundRemover:
       revision: the hub revision (commit) to load, pinning the code that runs (default: main).
     """
 
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        self.entry = entry
-        self._source = str(source)
-        self._worker = worker
-        self._offline = offline
-        settings = entry.settings
+    action = "remove the background"
+    memory_setting = "resolution"
+    # The repository's own code runs in loading and inference: anything it raises is a
+    # failure of the model.
+    load_errors = (Exception,)
+    inference_errors = (Exception,)
+
+    def _configure(self, settings: Mapping[str, Any]) -> None:
+        air = self.entry.air
         try:
             self._resolution = _resolution(settings.get("resolution", DEFAULT_RESOLUTION))
             self._mean = _triple(settings, "mean", IMAGENET_MEAN)
             self._std = _triple(settings, "std", IMAGENET_STD)
         except ValueError as exc:
-            raise ValueError(f"{entry.air}: settings: {exc}") from None
+            raise ValueError(f"{air}: settings: {exc}") from None
         if not np.all(self._std > 0):
-            raise ValueError(f"{entry.air}: settings: std must be positive, got {self._std}")
-        dtype = str(settings.get("dtype", "float32"))
-        if dtype not in _DTYPES:
-            raise ValueError(f"{entry.air}: settings: dtype must be one of {_DTYPES}")
-        self._dtype_name = dtype
+            raise ValueError(f"{air}: settings: std must be positive, got {self._std}")
         self._revision = settings.get("revision")
-        self._model: Any = None
-        self._size_bytes = 0
 
-    async def run(self, request: UtilityRequest) -> UtilityOutput:
+    def _check(self, request: UtilityRequest) -> BackgroundRequest:
         if not isinstance(request, BackgroundRequest):
             raise TypeError(
                 f"{type(self).__name__} answers BackgroundRequest, not {type(request).__name__}"
             )
         _check_request(request)
-        return await self._worker.run(self._remove, request)
-
-    async def close(self) -> None:
-        await self._worker.run(self._unload)
-        self._worker.models.forget(self.entry.air)
+        return request
 
     # Everything below runs on the worker's thread.
 
-    def _torch_dtype(self) -> Any:
-        import torch
-
-        if not self._worker.device.startswith("cuda"):
-            return torch.float32
-        return getattr(torch, self._dtype_name)
-
-    def _loaded(self) -> Any:
-        if self._model is None:
-            model = self._load()
-            self._size_bytes = sum(
-                t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
-            )
-            self._model = model
-        # Every use marks it recent, so the cache evicts the models not in use instead.
-        self._worker.models.use(self.entry.air, self._size_bytes, self._unload)
-        return self._model
-
-    def _load(self) -> Any:
-        options: dict[str, Any] = {"trust_remote_code": True, "local_files_only": self._offline}
+    def _load(self, device: str) -> tuple[Any, int]:
+        options: dict[str, Any] = {"trust_remote_code": True, "local_files_only": self.offline}
         if self._revision:
             options["revision"] = str(self._revision)
-        with LOAD_LOCK:
-            try:
-                model = _from_pretrained(self._source, options)
-                model = model.to(device=self._worker.device, dtype=self._torch_dtype())
-            except ImportError as exc:
-                # transformers names the packages the model's own code imports and lacks.
-                raise InferenceError(
-                    f"Model {self.entry.air} needs packages that are not installed: {exc}"
-                ) from exc
-            except Exception as exc:
-                # The repository's own code runs here: anything it raises is a load failure.
-                raise InferenceError(
-                    f"Model {self.entry.air} could not be loaded from {self._source}: {exc}"
-                ) from exc
-            model.eval()
-        log.info("loaded %s from %s on %s", self.entry.air, self._source, self._worker.device)
-        return model
+        model = _from_pretrained(str(self.source), options)
+        model = model.to(device=device, dtype=self._torch_dtype())
+        model.eval()
+        return model, weights_bytes(model)
 
-    def _unload(self) -> None:
-        if self._model is None:
-            return
-        self._model = None
-        if self._worker.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
-
-    def _remove(self, request: BackgroundRequest) -> Image.Image:
+    def _infer(self, model: Any, request: BackgroundRequest) -> Image.Image:
         image = request.image.convert("RGB")
-        mask = self._predict(image)
+        mask = self._predict(model, image)
         if request.post_process_mask:
             mask = post_process_mask(mask)
         if request.alpha_matting:
@@ -218,29 +161,22 @@ class BackgroundRemover:
         values = (values - self._mean) / self._std
         return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))[None]
 
-    def _predict(self, image: Image.Image) -> Image.Image:
+    def _predict(self, model: Any, image: Image.Image) -> Image.Image:
         """The model's mask for `image`: L, the image's size, white subject."""
         import torch
         from torch.nn import functional
 
-        model = self._loaded()
-        pixels = self._pixels(image).to(device=self._worker.device, dtype=self._torch_dtype())
-        try:
-            with torch.inference_mode():
-                logits = _logits(model(pixels))
-                probabilities = logits.float().sigmoid()
-                # Bilinear back to the image's size, as BiRefNet's own examples do.
-                resized = functional.interpolate(
-                    probabilities,
-                    size=(image.height, image.width),
-                    mode="bilinear",
-                    align_corners=False,
-                )
-        except ImpastoError:
-            raise
-        except Exception as exc:
-            # The repository's own code runs here; out of memory is a RuntimeError too.
-            raise InferenceError(f"Model {self.entry.air} failed: {exc}") from exc
+        pixels = self._pixels(image).to(device=self.worker.device, dtype=self._torch_dtype())
+        with torch.inference_mode():
+            logits = _logits(model(pixels))
+            probabilities = logits.float().sigmoid()
+            # Bilinear back to the image's size, as BiRefNet's own examples do.
+            resized = functional.interpolate(
+                probabilities,
+                size=(image.height, image.width),
+                mode="bilinear",
+                align_corners=False,
+            )
         values = resized[0, 0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(values, mode="L")
 

@@ -10,22 +10,16 @@ is always exactly `factor` times the input on each side.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from impasto.backends.devices import LOAD_LOCK, DeviceWorker
-from impasto.backends.diffusers_loading import ModelUnavailable, dtype_for, module_bytes
-from impasto.backends.entries import ModelEntry
-from impasto.backends.utility.base import UpscaleRequest, UtilityOutput, UtilityRequest
+from impasto.backends.utility.base import UpscaleRequest, UtilityRequest
+from impasto.backends.utility.local import LocalUtilityModel, weights_bytes
 from impasto.backends.utility.tiling import upscale_tiled
-from impasto.protocol.errors import ImpastoError, InferenceError, InvalidParameter
-
-log = logging.getLogger("impasto.backends.utility")
+from impasto.protocol.errors import InvalidParameter
 
 # The x4 upscaler's UNet halves its input three times; padding the input to this multiple
 # keeps its skip connections aligned (and the pipeline from cropping to a multiple of 4).
@@ -48,39 +42,14 @@ def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _setting_int(entry: ModelEntry, key: str, default: int) -> int:
-    return int(entry.settings.get(key, default))
+class _LazyUpscaler(LocalUtilityModel[UpscaleRequest, Any]):
+    """What both upscalers share: the request check and the exact output size. Subclasses
+    load and upscale."""
 
+    action = "upscale the image"
+    memory_setting = "tile"
 
-def _release_memory(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-class _LazyUpscaler:
-    """What both upscalers share: lazy loading on the worker thread, the memory budget, the
-    request check and the error translation. Subclasses load and upscale."""
-
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        self.entry = entry
-        self._source = source
-        self._worker = worker
-        self._offline = offline
-        self._dtype_name: str | None = entry.settings.get("dtype")
-        # The loaded model and its size in bytes; None until the first request.
-        self._loaded: Any = None
-        self._size_bytes = 0
-
-    async def run(self, request: UtilityRequest) -> UtilityOutput:
+    def _check(self, request: UtilityRequest) -> UpscaleRequest:
         if not isinstance(request, UpscaleRequest):
             raise TypeError(f"{type(self).__name__} runs UpscaleRequest, not {type(request)}")
         if request.factor < 1:
@@ -89,62 +58,15 @@ class _LazyUpscaler:
                 code="invalidUpscaleFactor",
                 parameter="upscaleFactor",
             )
-        return await self._worker.run(self._run_on_device, request)
+        return request
 
-    async def close(self) -> None:
-        await self._worker.run(self._close_on_device)
+    def _doing(self, request: UpscaleRequest) -> str:
+        return f"upscale a {request.image.width}x{request.image.height} image"
 
-    def _run_on_device(self, request: UpscaleRequest) -> Image.Image:
-        if self._loaded is None:
-            with LOAD_LOCK:
-                try:
-                    self._loaded, self._size_bytes = self._load(self._worker.device)
-                except (OSError, ValueError) as exc:
-                    log.error("cannot load %s from %s: %s", self.entry.air, self._source, exc)
-                    raise ModelUnavailable(self._load_failure(), parameter="model") from None
-        # Every use marks the model most recent, so the budget evicts others first.
-        self._worker.models.use(self.entry.air, self._size_bytes, self._unload)
+    def _infer(self, model: Any, request: UpscaleRequest) -> Image.Image:
         image = request.image.convert("RGB")
-        try:
-            result = self._upscale(self._loaded, image, request)
-        except ImpastoError:
-            raise
-        except (RuntimeError, ValueError, TypeError) as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
-                _release_memory(self._worker.device)
-                raise InferenceError(
-                    f"Model {self.entry.air} ran out of GPU memory upscaling "
-                    f"{image.width}x{image.height}; lower its `tile` setting."
-                ) from None
-            log.exception("upscaling with %s failed", self.entry.air)
-            raise InferenceError(f"Model {self.entry.air} failed to upscale the image.") from exc
+        result = self._upscale(model, image, request)
         return _fit(result, (image.width * request.factor, image.height * request.factor))
-
-    def _load_failure(self) -> str:
-        if Path(str(self._source)).exists():
-            return (
-                f"Model {self.entry.air} could not be loaded from {self._source}: the directory "
-                "does not hold a model of this kind."
-            )
-        return (
-            f"Model {self.entry.air} could not be loaded from {self._source}: its weights are "
-            "not in the local cache and could not be downloaded. Download them where there is "
-            f"internet (huggingface-cli download {self._source}) or set `path` to a local "
-            "directory in the models file."
-        )
-
-    def _close_on_device(self) -> None:
-        self._unload()
-        self._worker.models.forget(self.entry.air)
-
-    def _unload(self) -> None:
-        if self._loaded is not None:
-            self._loaded = None
-            _release_memory(self._worker.device)
-
-    def _load(self, device: str) -> tuple[Any, int]:
-        """Load the model onto `device` (LOAD_LOCK is held); returns it and its size."""
-        raise NotImplementedError
 
     def _upscale(self, model: Any, image: Image.Image, request: UpscaleRequest) -> Image.Image:
         """Upscale on the worker thread; the result is resized to the exact size after."""
@@ -163,28 +85,19 @@ class Swin2SRUpscaler(_LazyUpscaler):
     `dtype` (float32; "float16" or "bfloat16" on CUDA).
     """
 
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        super().__init__(entry, source, worker, offline=offline)
-        self._tile = _setting_int(entry, "tile", 512)
-        self._overlap = _setting_int(entry, "tile_overlap", 32)
+    def _configure(self, settings: Mapping[str, Any]) -> None:
+        self._tile = int(settings.get("tile", 512))
+        self._overlap = int(settings.get("tile_overlap", 32))
 
     def _load(self, device: str) -> tuple[Any, int]:
         from transformers import AutoImageProcessor, Swin2SRForImageSuperResolution
 
-        dtype = dtype_for(self._dtype_name, device)
         model = Swin2SRForImageSuperResolution.from_pretrained(
-            self._source, local_files_only=self._offline, dtype=dtype
+            self.source, local_files_only=self.offline, dtype=self._torch_dtype()
         )
         model.to(device).eval()
-        processor = AutoImageProcessor.from_pretrained(self._source, local_files_only=self._offline)
-        return (model, processor), module_bytes(model)
+        processor = AutoImageProcessor.from_pretrained(self.source, local_files_only=self.offline)
+        return (model, processor), weights_bytes(model)
 
     def _upscale(self, model: Any, image: Image.Image, request: UpscaleRequest) -> Image.Image:
         network, processor = model
@@ -231,56 +144,43 @@ class DiffusionUpscaler(_LazyUpscaler):
 
     native = 4
 
-    def __init__(
-        self,
-        entry: ModelEntry,
-        source: str | Path,
-        worker: DeviceWorker,
-        *,
-        offline: bool = False,
-    ) -> None:
-        super().__init__(entry, source, worker, offline=offline)
-        self._steps = _setting_int(entry, "steps", 20)
-        self._guidance = float(entry.settings.get("guidance_scale", 7.5))
-        self._noise_level = _setting_int(entry, "noise_level", 20)
-        self._tile = _setting_int(entry, "tile", 128)
-        self._overlap = _setting_int(entry, "tile_overlap", 16)
+    def _configure(self, settings: Mapping[str, Any]) -> None:
+        self._steps = int(settings.get("steps", 20))
+        self._guidance = float(settings.get("guidance_scale", 7.5))
+        self._noise_level = int(settings.get("noise_level", 20))
+        self._tile = int(settings.get("tile", 128))
+        self._overlap = int(settings.get("tile_overlap", 16))
 
-    async def run(self, request: UtilityRequest) -> UtilityOutput:
+    def _check(self, request: UtilityRequest) -> UpscaleRequest:
         if isinstance(request, UpscaleRequest) and request.steps is not None and request.steps < 1:
             raise InvalidParameter(
                 f"Steps must be at least 1, not {request.steps}.",
                 code="invalidSteps",
                 parameter="steps",
             )
-        return await super().run(request)
+        return super()._check(request)
 
     def _load(self, device: str) -> tuple[Any, int]:
         from diffusers import StableDiffusionUpscalePipeline
 
         pipeline = StableDiffusionUpscalePipeline.from_pretrained(
-            self._source,
-            local_files_only=self._offline,
-            dtype=dtype_for(self._dtype_name, device),
+            self.source,
+            local_files_only=self.offline,
+            dtype=self._torch_dtype(),
             # The upscaler ships no safety checker; the server's own safety policy applies.
             safety_checker=None,
             watermarker=None,
         )
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
-        size = sum(
-            module_bytes(module)
-            for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder)
-            if module is not None
-        )
-        return pipeline, size
+        return pipeline, weights_bytes(pipeline.unet, pipeline.vae, pipeline.text_encoder)
 
     def _upscale(self, model: Any, image: Image.Image, request: UpscaleRequest) -> Image.Image:
         import torch
 
         generator = None
         if request.seed is not None:
-            generator = torch.Generator(device=self._worker.device).manual_seed(request.seed)
+            generator = torch.Generator(device=self.worker.device).manual_seed(request.seed)
         options = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
